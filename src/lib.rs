@@ -3,16 +3,27 @@
 //! The host binary (`tvctl`) prepares a domain's channels, drives the guest agent and writes
 //! `trace.dat` files; the guest binary (`tvctl-agent`) records in the guest and streams raw
 //! ring-buffer pages back. Both share the wire format in [`proto`].
+//!
+//! Module map (docs/architecture.md has the longer version):
+//! - [`proto`]: wire format shared by host and agent: frames, messages, limits.
+//! - [`agent`]: guest side: tracefs control, per-CPU splice pumps, control loop.
+//! - [`tracedat`]: trace.dat v6 writer/reader and ring-buffer page parsing.
+//! - [`zerocopy`]: splice(2) through a pipe, shared by the agent and the collector.
+//! - `domxml` (host): pure edits of libvirt domain XML (our channels), no I/O.
+//! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
+//! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
+//! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
 
-pub mod proto; // wire format shared by host and agent: frames, messages, limits
-pub mod agent; // guest side: tracefs control, per-CPU splice pumps, control loop
-pub mod tracedat; // trace.dat v6 writer/reader and ring-buffer page parsing
+pub mod agent;
+pub mod proto;
+pub mod tracedat;
+pub mod zerocopy;
 
 #[cfg(feature = "host")]
-pub mod domxml; // pure edits of libvirt domain XML (our channels), no I/O
+pub mod channels;
 #[cfg(feature = "host")]
-pub mod channels; // host files: per-domain folder, FIFOs, owners and modes
+pub mod collect;
 #[cfg(feature = "host")]
-pub mod libvirt; // the only module that talks to libvirt (the `virt` crate)
+pub mod domxml;
 #[cfg(feature = "host")]
-pub mod collect; // host side of a recording: per-CPU stream readers, progress
+pub mod libvirt;

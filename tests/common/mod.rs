@@ -1,0 +1,192 @@
+//! Test lab shared by the integration and guest tiers: a real libvirtd and the built-in guest.
+//!
+//! `TestVm` defines a uniquely named domain from `xml-templates/test-guest.xml`, starts it and
+//! destroys + undefines it (and removes its folder) when dropped, also when the test panics.
+//! Every failure message carries the guest's console log, so a failing guest test explains
+//! itself. Nothing here skips: if libvirt or the guest image is missing, the test fails and
+//! says how to get them (scripts/install-deps.sh, scripts/build-guest.sh).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tvctl::libvirt::{Dom, Hypervisor};
+
+/// Where scripts/build-guest.sh installs the guest.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("TVCTL_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/libvirt/images/tvctl"))
+}
+
+/// Root of the per-test folders (console logs, FIFOs); must be traversable by QEMU's user.
+pub fn lab_root() -> PathBuf {
+    let p = PathBuf::from("/var/lib/tvctl-lab");
+    std::fs::create_dir_all(&p).expect("create /var/lib/tvctl-lab");
+    set_mode(&p, 0o755);
+    p
+}
+
+pub fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+pub const URI: &str = "qemu:///system";
+
+/// A connection to the real libvirtd, or a loud failure saying how to start it.
+pub fn hypervisor() -> Hypervisor {
+    Hypervisor::connect(URI).unwrap_or_else(|e| {
+        panic!("this test needs a running libvirtd: {e}\n(scripts/install-deps.sh installs and starts it)")
+    })
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A domain name no other test (or test run) uses.
+pub fn unique_name(tag: &str) -> String {
+    format!(
+        "tvctl-test-{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Domain XML of the built-in guest.
+pub fn guest_xml(name: &str, vcpus: u32, memory_mib: u32, console_log: &Path) -> String {
+    let kernel = guest_dir().join("vmlinuz");
+    let initrd = guest_dir().join("initrd.img");
+    for f in [&kernel, &initrd] {
+        assert!(
+            f.exists(),
+            "the built-in guest is missing ({}): run scripts/build-guest.sh",
+            f.display()
+        );
+    }
+    let template = include_str!("../../xml-templates/test-guest.xml");
+    template
+        .replace("@NAME@", name)
+        .replace("@VCPUS@", &vcpus.to_string())
+        .replace("@MEMORY_MIB@", &memory_mib.to_string())
+        .replace("@KERNEL@", &kernel.to_string_lossy())
+        .replace("@INITRD@", &initrd.to_string_lossy())
+        .replace("@CMDLINE@", "console=ttyS0 panic=-1 quiet")
+        .replace("@CONSOLE_LOG@", &console_log.to_string_lossy())
+}
+
+/// Inserts extra device XML before `</devices>`.
+pub fn with_devices(xml: &str, devices: &str) -> String {
+    xml.replacen("</devices>", &format!("{devices}\n  </devices>"), 1)
+}
+
+/// A test domain of the built-in guest, removed on drop.
+pub struct TestVm {
+    pub name: String,
+    pub hv: Hypervisor,
+    pub dom: Dom,
+    /// This test's own folder under the lab root.
+    pub dir: PathBuf,
+    pub console_log: PathBuf,
+    keep: bool,
+}
+
+impl TestVm {
+    /// Defines (does not start) a built-in guest; `edit` may change the XML first.
+    pub fn define(tag: &str, vcpus: u32, edit: impl FnOnce(&str, &Path) -> String) -> TestVm {
+        let hv = hypervisor();
+        let name = unique_name(tag);
+        let dir = lab_root().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test folder");
+        set_mode(&dir, 0o755);
+        let console_log = dir.join("console.log");
+        let xml = guest_xml(&name, vcpus, 256, &console_log);
+        let xml = edit(&xml, &dir);
+        let dom = hv
+            .define(&xml)
+            .unwrap_or_else(|e| panic!("define test domain {name}: {e}\n--- XML ---\n{xml}"));
+        TestVm {
+            name,
+            hv,
+            dom,
+            dir,
+            console_log,
+            keep: std::env::var_os("TVCTL_KEEP_VM").is_some(),
+        }
+    }
+
+    pub fn start(&self) {
+        self.dom
+            .start()
+            .unwrap_or_else(|e| panic!("start {}: {e}\n{}", self.name, self.console_report()));
+    }
+
+    /// The console log so far ("" before QEMU created it).
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_log).unwrap_or_default()
+    }
+
+    /// The console log framed for a failure message.
+    pub fn console_report(&self) -> String {
+        format!(
+            "--- console log of {} ({}) ---\n{}\n--- end of console log ---",
+            self.name,
+            self.console_log.display(),
+            self.console()
+        )
+    }
+
+    /// Waits until the console shows a line containing `needle`; returns that line.
+    pub fn wait_console_line(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.console().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "guest {} printed no line containing {needle:?} within {timeout:?}\n{}",
+                    self.name,
+                    self.console_report()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The guest's `TVCTL-REPORT` JSON (printed by init after boot).
+    pub fn wait_report(&self) -> serde_json::Value {
+        let line = self.wait_console_line("TVCTL-REPORT ", boot_timeout());
+        let json = line.split_once("TVCTL-REPORT ").expect("prefix").1;
+        serde_json::from_str(json.trim())
+            .unwrap_or_else(|e| panic!("bad report line {line:?}: {e}\n{}", self.console_report()))
+    }
+}
+
+/// How long a boot may take: TCG on a busy 2-core machine is slow.
+pub fn boot_timeout() -> Duration {
+    Duration::from_secs(
+        std::env::var("TVCTL_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
+    )
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.console_report());
+        }
+        if self.keep {
+            eprintln!("TVCTL_KEEP_VM: leaving {} defined", self.name);
+            return;
+        }
+        if self.dom.is_active().unwrap_or(false) {
+            let _ = self.dom.destroy();
+        }
+        let _ = self.dom.undefine();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
