@@ -21,7 +21,8 @@ pub const MAGIC: [u8; 4] = *b"TVCT";
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_LEN: usize = 16;
 
-/// Largest frame a receiver ever holds.
+/// Largest frame a receiver ever holds. (`u32 as usize` widens on every target
+/// we build for; `try_from` is not available in a const.)
 const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD as usize;
 
 /// The fixed frame header: magic, version, kind, payload length, flags.

@@ -6,8 +6,23 @@
 //! bytes only: frames, messages, limits, version negotiation and metadata
 //! reassembly. It does no I/O policy (no sockets, timeouts or retries) and needs
 //! only `std`, so the static guest agent builds it without the `host` feature.
-//! The full specification, with examples and a session diagram, is
+//! The full specification, with every field table and examples, is
 //! `docs/protocol.md`; the golden tests keep code and document in step.
+//!
+//! ```text
+//! frame:  "TVCT" | version u16 | kind u16 | len u32 (<= 1 MiB) | flags u32 (0) | payload[len]
+//!
+//! host                                        agent
+//!  |-- Hello{min, max, nonce} ------------------>|
+//!  |<- HelloReply{version, nonce, cpus, ...} ----|
+//!  |-- RecordRequest{events, ..., stream_nonce} ->|
+//!  |<= cpuN port: StreamMarker, then raw pages ==|
+//!  |<- Started{...} -----------------------------|
+//!  |-- Stop ------------------------------------>|
+//!  |<- Metadata{name, total_len, offset, data}* -|
+//!  |<- Stopped{reason, per-CPU byte counts} -----|
+//!  |-- Close ----------------------------------->|
+//! ```
 
 mod codec;
 mod error;
