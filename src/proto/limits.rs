@@ -1,0 +1,46 @@
+//! Every bound of the wire protocol in one place.
+//!
+//! Readers check each length and count they read against these numbers before
+//! they allocate, and writers refuse to exceed them, so both sides agree on what
+//! a well-formed frame is. The numbers are part of the protocol (see
+//! `docs/protocol.md`, "Limits"): changing one is a protocol change.
+
+/// Largest frame payload. Bounds a receiver's buffer to header + this.
+pub const MAX_PAYLOAD: u32 = 1024 * 1024;
+
+/// Largest `Metadata.data`. Small enough that a `Ping` is never stuck behind
+/// megabytes of `kallsyms`.
+pub const METADATA_CHUNK: usize = 64 * 1024;
+
+/// Largest single metadata file (`kallsyms` is a few MiB in practice).
+pub const MAX_METADATA_FILE: u64 = 64 * 1024 * 1024;
+
+/// Largest sum of all metadata files of one recording, kept in host memory.
+pub const MAX_METADATA_TOTAL: u64 = 256 * 1024 * 1024;
+
+/// Most entries in `RecordRequest.events`.
+pub const MAX_EVENTS_PER_REQUEST: usize = 1024;
+
+/// Most entries in `Started.events`: globs expand, and kernels have ~3 000 events.
+pub const MAX_RESOLVED_EVENTS: usize = 8192;
+
+/// Most entries in `RecordRequest.command` (argv).
+pub const MAX_COMMAND_ARGS: usize = 256;
+
+/// Most CPUs in any list of CPUs.
+pub const MAX_CPUS: usize = 1024;
+
+/// Most entries in `HelloReply.trace_clocks`.
+pub const MAX_CLOCKS: usize = 64;
+
+/// Sanity cap on a per-CPU buffer size request: 4 GiB in KiB. Checked by the agent.
+pub const MAX_BUFFER_KB: u32 = 4 * 1024 * 1024;
+
+/// Cap on identifiers: event, clock, instance and metadata names, version strings.
+pub const MAX_NAME: usize = 256;
+
+/// Cap on free text: `Error.text`, `Started.note`, `CpuStopped.stats_text`.
+pub const MAX_TEXT: usize = 4096;
+
+/// Cap on any other string field (command arguments).
+pub const MAX_STRING: usize = 64 * 1024;
