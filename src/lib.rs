@@ -12,6 +12,7 @@
 //! - `domxml` (host): pure edits of libvirt domain XML (our channels), no I/O.
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
+//! - `control` (host): the host end of the control channel: connect, handshake, deadlines.
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
 
 pub mod agent;
@@ -23,6 +24,8 @@ pub mod zerocopy;
 pub mod channels;
 #[cfg(feature = "host")]
 pub mod collect;
+#[cfg(feature = "host")]
+pub mod control;
 #[cfg(feature = "host")]
 pub mod domxml;
 #[cfg(feature = "host")]

@@ -6,5 +6,7 @@
 
 pub mod ports; // find virtio-serial ports by name (sysfs first, udev links as fallback)
 pub mod pump; // per-CPU trace_pipe_raw → port pumps, splice with read/write fallback
+pub mod recording; // one recording: validate, private instance, pumps, command, metadata
 pub mod report; // `tvctl-agent --report`: a one-line self-check for consoles and tests
-pub mod tracefs; // tracefs mount, event specs, our private instance, per-CPU stats
+pub mod session;
+pub mod tracefs; // tracefs mount, event specs, our private instance, per-CPU stats // the control loop: wait for a host, serve its session, repeat

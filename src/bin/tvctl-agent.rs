@@ -1,29 +1,36 @@
 //! tvctl-agent: the guest side of tvctl. Started by the guest's init; driven by the host.
 //!
 //! Usage: `tvctl-agent` runs the agent; `tvctl-agent --report` prints one `TVCTL-REPORT {json}`
-//! line (tracefs, ports) and exits; `--version` prints the version.
+//! line (tracefs, ports) and exits; `--version` prints the version; `--copy` runs the agent with
+//! read/write instead of splice (to exercise the fallback).
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
+    let force_copy = match args.first().map(String::as_str) {
+        None => false,
+        Some("--copy") => true,
         Some("--report") => {
             println!("{}", tvctl::agent::report::report_line());
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
         Some("--version") => {
             println!("tvctl-agent {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
         Some(other) => {
             eprintln!(
-                "tvctl-agent: unknown argument '{other}'; usage: tvctl-agent [--report|--version]"
+                "tvctl-agent: unknown argument '{other}'; usage: tvctl-agent [--copy|--report|--version]"
             );
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
-        None => {
-            eprintln!("tvctl-agent: the control loop is not built yet");
+    };
+    let opts = tvctl::agent::session::AgentOptions { force_copy };
+    match tvctl::agent::session::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tvctl-agent: {e}");
             ExitCode::from(1)
         }
     }

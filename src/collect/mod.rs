@@ -1,1 +1,8 @@
-//! (placeholder: being written)
+//! The host side of a recording: per-CPU stream readers (and, in `tvctl trace`, progress).
+//!
+//! Each CPU's data arrives on its own FIFO and is moved to its own data file by a thread of
+//! its own ([`stream::CpuStream`]): FIFOs have no readiness that crosses CPUs, a thread per
+//! CPU keeps each splice loop trivial, and guests have few vCPUs.
+
+pub mod recorder; // one recording: FIFO readers, control session, stop and drain
+pub mod stream; // one CPU: FIFO → marker search → splice to the data file, exact byte count

@@ -190,3 +190,72 @@ impl Drop for TestVm {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Adds tvctl's channels to `xml` (via the real domxml edit) and makes the FIFOs in `dir`, as
+/// `tvctl setup` would; for tests of the agent that do not exercise setup itself.
+pub fn with_tvctl_channels(xml: &str, dir: &Path, vcpus: u32) -> String {
+    for cpu in 0..vcpus {
+        for end in ["in", "out"] {
+            let p = dir.join(format!("trace-path-cpu{cpu}.{end}"));
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o660))
+                .expect("mkfifo");
+        }
+    }
+    let plan = tvctl::domxml::ChannelPlan {
+        dir: dir.to_string_lossy().into_owned(),
+        vcpus,
+    };
+    tvctl::domxml::apply_plan(xml, &plan)
+        .expect("add channels")
+        .xml
+}
+
+/// A guest shared by all tests of one test binary: booted once, destroyed at process exit.
+/// Tests take the lock for as long as they talk to it.
+pub fn shared_vm(tag: &'static str, vcpus: u32) -> std::sync::MutexGuard<'static, TestVm> {
+    use std::sync::{Mutex, OnceLock};
+    static VM: OnceLock<Mutex<TestVm>> = OnceLock::new();
+    static TAG: OnceLock<&'static str> = OnceLock::new();
+    TAG.get_or_init(|| tag);
+    let vm = VM.get_or_init(|| {
+        let vm = TestVm::define(tag, vcpus, |xml, dir| with_tvctl_channels(xml, dir, vcpus));
+        vm.start();
+        let _ = vm.wait_console_line("tvctl-agent: ready", boot_timeout());
+        extern "C" fn cleanup() {
+            if let Some(m) = VM.get() {
+                let vm = match m.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                vm.remove();
+            }
+        }
+        // SAFETY: registering a plain extern "C" function with no arguments.
+        unsafe { libc::atexit(cleanup) };
+        Mutex::new(vm)
+    });
+    match vm.lock() {
+        Ok(g) => g,
+        // A failed test must not take the others down with it.
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl TestVm {
+    /// Destroys and undefines now (Drop does the same; statics are never dropped).
+    pub fn remove(&self) {
+        if self.keep {
+            return;
+        }
+        if self.dom.is_active().unwrap_or(false) {
+            let _ = self.dom.destroy();
+        }
+        let _ = self.dom.undefine();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// The control socket QEMU binds for `agent-ctl-path`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("agent-ctl-path.sock")
+    }
+}

@@ -1,0 +1,437 @@
+//! One recording in the guest: a private tracefs instance, one pump per CPU, and optionally a
+//! command whose end stops the recording.
+//!
+//! `Recording::start` validates the request completely before touching tracefs (events are
+//! resolved against `available_events`, the clock against `trace_clock`, sizes bounded), so a
+//! bad request changes nothing. `Recording::stop` turns tracing off, drains every CPU, collects
+//! the metadata trace-cmd needs, and removes the instance: the guest is left as it was.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::proto::limits::{MAX_BUFFER_KB, MAX_COMMAND_ARGS, MAX_EVENTS_PER_REQUEST, MAX_TEXT};
+use crate::proto::{
+    CpuStopped, ErrorCode, RecordRequest, Started, StopReason, Stopped, StreamMarker,
+};
+
+use super::ports::PortMap;
+use super::pump::{self, PumpConfig, PumpOutcome, PumpShared};
+use super::tracefs::{EventName, Instance, Tracefs, TracefsError};
+
+/// Instances of ours are named `tvctl-<nonce>`; stale ones are removed at agent start.
+pub const INSTANCE_PREFIX: &str = "tvctl-";
+
+/// A request the agent refuses, with the code the host gets.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub text: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, text: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<TracefsError> for Refusal {
+    fn from(e: TracefsError) -> Refusal {
+        let code = match e {
+            TracefsError::UnknownEvent(_) => ErrorCode::UnknownEvent,
+            TracefsError::BadEventSpec(_) => ErrorCode::BadRequest,
+            TracefsError::UnknownClock(_) => ErrorCode::UnknownClock,
+            TracefsError::Mount(_) | TracefsError::Io { .. } => ErrorCode::Tracefs,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+struct CpuPump {
+    cpu: u32,
+    shared: Arc<PumpShared>,
+    handle: JoinHandle<PumpOutcome>,
+}
+
+/// A running recording.
+pub struct Recording {
+    instance: Option<Instance>,
+    tracefs: Tracefs,
+    events: Vec<EventName>,
+    pumps: Vec<CpuPump>,
+    command: Option<Child>,
+    command_status: Option<i32>,
+}
+
+/// What a stopped recording hands back: the files trace-cmd needs, and the counts.
+pub struct Finished {
+    pub metadata: Vec<(String, Vec<u8>)>,
+    pub stopped: Stopped,
+}
+
+impl Recording {
+    /// Validates `req` and starts recording. Nothing is changed in the guest if this fails.
+    pub fn start(
+        req: &RecordRequest,
+        tracefs: &Tracefs,
+        ports: &PortMap,
+        online_cpus: u32,
+        page_size: u32,
+        force_copy: bool,
+    ) -> Result<(Recording, Started), Refusal> {
+        // 1. Validate everything first.
+        if req.events.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "no events requested: name at least one (e.g. sched:sched_switch)",
+            ));
+        }
+        if req.events.len() > MAX_EVENTS_PER_REQUEST {
+            return Err(Refusal::new(ErrorCode::BadRequest, "too many event specs"));
+        }
+        let events = super::tracefs::resolve_events(&req.events, &tracefs.available_events()?)?;
+        if let Some(kb) = req.buffer_kb {
+            check_buffer_kb(kb, online_cpus)?;
+        }
+        let clocks = tracefs.clocks()?;
+        if let Some(clock) = &req.clock {
+            if !clocks.iter().any(|c| c == clock) {
+                return Err(Refusal::new(
+                    ErrorCode::UnknownClock,
+                    format!(
+                        "trace clock '{clock}' is not offered; this kernel has: {}",
+                        clocks.join(" ")
+                    ),
+                ));
+            }
+        }
+        if req.command.len() > MAX_COMMAND_ARGS || req.command.first().is_some_and(|c| c.is_empty())
+        {
+            return Err(Refusal::new(ErrorCode::BadRequest, "malformed command"));
+        }
+        let cpus: Vec<u32> = ports
+            .cpu_ports()
+            .into_iter()
+            .filter(|&c| c < online_cpus)
+            .collect();
+        if cpus.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "no trace-path-cpuN ports in this guest: run `tvctl setup` on the host and reboot the guest",
+            ));
+        }
+        let mut port_paths = Vec::with_capacity(cpus.len());
+        for &cpu in &cpus {
+            match ports.cpu_port(cpu) {
+                Some(p) => port_paths.push((cpu, p.to_path_buf())),
+                None => return Err(Refusal::new(ErrorCode::Internal, "port vanished")),
+            }
+        }
+
+        // 2. Build the instance. Dropping it on any error below removes it again.
+        let instance =
+            tracefs.create_instance(&format!("{INSTANCE_PREFIX}{:016x}", req.stream_nonce))?;
+        instance.set_tracing_on(false)?;
+        if let Some(kb) = req.buffer_kb {
+            instance.set_buffer_kb(kb)?;
+        }
+        if let Some(clock) = &req.clock {
+            instance.set_clock(clock)?;
+        }
+        for e in &events {
+            instance.enable_event(e)?;
+        }
+
+        // 3. Pumps first, so no page is lost, then tracing on, then the command.
+        let mut rec = Recording {
+            instance: Some(instance),
+            tracefs: tracefs.clone(),
+            events,
+            pumps: Vec::new(),
+            command: None,
+            command_status: None,
+        };
+        for (cpu, port) in port_paths {
+            let marker = StreamMarker {
+                stream_nonce: req.stream_nonce,
+                cpu,
+                page_size,
+            };
+            let cfg = PumpConfig {
+                cpu,
+                raw_pipe: rec.instance().raw_pipe(cpu),
+                port,
+                page_size: usize::try_from(page_size).unwrap_or(4096),
+                marker: marker.to_bytes().to_vec(),
+                force_copy,
+            };
+            let shared = Arc::new(PumpShared::default());
+            let handle = pump::spawn(cfg, Arc::clone(&shared)).map_err(|e| {
+                Refusal::new(
+                    ErrorCode::Internal,
+                    format!("cannot start pump thread: {e}"),
+                )
+            })?;
+            rec.pumps.push(CpuPump {
+                cpu,
+                shared,
+                handle,
+            });
+        }
+        rec.instance().set_tracing_on(true)?;
+        if let Some((prog, args)) = req.command.split_first() {
+            match Command::new(prog).args(args).spawn() {
+                Ok(child) => rec.command = Some(child),
+                Err(e) => {
+                    let _ = rec.finish(StopReason::AgentError);
+                    return Err(Refusal::new(
+                        ErrorCode::Command,
+                        format!("cannot run '{prog}' in the guest: {e}"),
+                    ));
+                }
+            }
+        }
+
+        let instance = rec.instance();
+        let started = Started {
+            instance: instance.name(),
+            events: rec.events.iter().map(ToString::to_string).collect(),
+            cpus: rec.pumps.iter().map(|p| p.cpu).collect(),
+            buffer_kb: instance.buffer_kb()?,
+            clock: super::tracefs::current_clock(&instance.trace_clock_text()?).unwrap_or_default(),
+            splice: !force_copy,
+            note: if force_copy {
+                "read/write requested (no splice)".to_string()
+            } else {
+                String::new()
+            },
+        };
+        Ok((rec, started))
+    }
+
+    fn instance(&self) -> &Instance {
+        self.instance.as_ref().expect("instance lives until finish")
+    }
+
+    /// The command's exit status once it has ended (polled, never blocks).
+    pub fn command_exited(&mut self) -> Option<i32> {
+        if let Some(status) = self.command_status {
+            return Some(status);
+        }
+        let child = self.command.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let code = exit_code(status);
+                self.command_status = Some(code);
+                Some(code)
+            }
+            _ => None,
+        }
+    }
+
+    /// A pump that died with an error (a closed port, a tracefs failure).
+    pub fn failed_pump(&self) -> Option<u32> {
+        self.pumps
+            .iter()
+            .find(|p| p.handle.is_finished() && !p.shared.stop.load(Ordering::SeqCst))
+            .map(|p| p.cpu)
+    }
+
+    /// Stops: tracing off, command ended, every CPU drained, metadata read, instance removed.
+    pub fn finish(mut self, reason: StopReason) -> Finished {
+        self.shutdown(reason)
+    }
+
+    fn shutdown(&mut self, reason: StopReason) -> Finished {
+        let instance = self.instance.take().expect("instance lives until finish");
+        let _ = instance.set_tracing_on(false);
+        if let Some(mut child) = self.command.take() {
+            if self.command_status.is_none() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                self.command_status = child.wait().ok().map(exit_code);
+            }
+        }
+        for p in &self.pumps {
+            p.shared.stop.store(true, Ordering::SeqCst);
+        }
+        let mut cpus = Vec::new();
+        let mut notes = Vec::new();
+        for p in self.pumps.drain(..) {
+            let outcome = p.handle.join().unwrap_or_else(|_| PumpOutcome {
+                cpu: p.cpu,
+                bytes: p.shared.bytes.load(Ordering::SeqCst),
+                spliced: false,
+                note: Some("pump thread panicked".into()),
+                error: None,
+            });
+            if let Some(e) = &outcome.error {
+                notes.push(format!("cpu{}: {e}", p.cpu));
+            }
+            if let Some(n) = &outcome.note {
+                notes.push(n.clone());
+            }
+            let stats = instance.stats(p.cpu).unwrap_or_default();
+            cpus.push(CpuStopped {
+                cpu: p.cpu,
+                bytes: outcome.bytes,
+                entries: stats.entries,
+                overrun: stats.overrun,
+                commit_overrun: stats.commit_overrun,
+                dropped_events: stats.dropped_events,
+                read_events: stats.read_events,
+                stats_text: truncate(&stats.text, MAX_TEXT),
+            });
+        }
+        for n in &notes {
+            eprintln!("tvctl-agent: {n}");
+        }
+        let metadata = self.metadata(&instance);
+        if let Err(e) = instance.remove() {
+            eprintln!("tvctl-agent: could not remove instance: {e}");
+        }
+        Finished {
+            metadata,
+            stopped: Stopped {
+                reason,
+                command_status: self.command_status,
+                cpus,
+            },
+        }
+    }
+
+    /// The files trace-cmd puts in a trace.dat, read from the guest's tracefs.
+    fn metadata(&self, instance: &Instance) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut push = |name: String, data: Result<Vec<u8>, TracefsError>| match data {
+            Ok(d) => out.push((name, d)),
+            Err(e) => eprintln!("tvctl-agent: metadata {name}: {e}"),
+        };
+        push(
+            "events/header_page".into(),
+            self.tracefs.read("events/header_page"),
+        );
+        push(
+            "events/header_event".into(),
+            self.tracefs.read("events/header_event"),
+        );
+        let systems: BTreeSet<&str> = self.events.iter().map(|e| e.system.as_str()).collect();
+        for sys in systems {
+            for e in self.events.iter().filter(|e| e.system == sys) {
+                let rel = format!("events/{}/{}/format", e.system, e.event);
+                push(rel.clone(), self.tracefs.read(&rel));
+            }
+        }
+        for (name, text) in self.tracefs.ftrace_formats() {
+            push(format!("events/ftrace/{name}/format"), Ok(text));
+        }
+        push(
+            "kallsyms".into(),
+            std::fs::read("/proc/kallsyms").map_err(|source| TracefsError::Io {
+                path: "/proc/kallsyms".into(),
+                source,
+            }),
+        );
+        push("printk_formats".into(), self.tracefs.read("printk_formats"));
+        push("saved_cmdlines".into(), self.tracefs.read("saved_cmdlines"));
+        push("saved_tgids".into(), self.tracefs.read("saved_tgids"));
+        if let Ok(text) = instance.trace_clock_text() {
+            push("trace_clock".into(), Ok(text.into_bytes()));
+        }
+        if let Ok(u) = nix::sys::utsname::uname() {
+            let uname = format!(
+                "{} {} {} {} {}",
+                u.sysname().to_string_lossy(),
+                u.nodename().to_string_lossy(),
+                u.release().to_string_lossy(),
+                u.version().to_string_lossy(),
+                u.machine().to_string_lossy()
+            );
+            push("uname".into(), Ok(uname.into_bytes()));
+        }
+        out
+    }
+}
+
+impl Drop for Recording {
+    /// A recording abandoned half-way (a failed start) still stops its pumps and removes its
+    /// instance, so the next request finds the guest clean.
+    fn drop(&mut self) {
+        if self.instance.is_some() {
+            let _ = self.shutdown(StopReason::AgentError);
+        }
+    }
+}
+
+/// Refuses buffer sizes of 0, over the protocol cap, or larger than the guest can hold.
+fn check_buffer_kb(kb: u32, cpus: u32) -> Result<(), Refusal> {
+    if kb == 0 || kb > MAX_BUFFER_KB {
+        return Err(Refusal::new(
+            ErrorCode::BadBufferSize,
+            format!("buffer size {kb} KiB per CPU is out of range (1..={MAX_BUFFER_KB})"),
+        ));
+    }
+    if let Some(avail_kb) = mem_available_kb() {
+        let want = u64::from(kb) * u64::from(cpus.max(1));
+        if want > avail_kb / 2 {
+            return Err(Refusal::new(
+                ErrorCode::BadBufferSize,
+                format!(
+                    "buffer size {kb} KiB x {cpus} CPUs needs {want} KiB, but the guest has only {avail_kb} KiB available; use a smaller -b"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn mem_available_kb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_and_absurd_buffer_sizes_are_refused() {
+        assert!(check_buffer_kb(0, 1).is_err());
+        assert!(check_buffer_kb(MAX_BUFFER_KB + 1, 1).is_err());
+        assert!(check_buffer_kb(1024, 1).is_ok());
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

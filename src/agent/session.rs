@@ -1,0 +1,443 @@
+//! The agent's control loop: wait for a host on `agent-ctl-path`, serve its requests, repeat.
+//!
+//! The control port is a virtio-serial port whose host side is a unix socket that QEMU binds.
+//! While no host is connected, reads return end-of-file at once and poll(2) reports a hang-up,
+//! so the loop sleeps between looks instead of spinning: the guest's CPU belongs to its user.
+//! A host that goes away ends its session (a recording in progress is stopped and cleaned up)
+//! and the agent waits for the next one. Every frame is decoded with the bounded decoder of
+//! [`crate::proto`]; a broken frame closes the session, an unknown one gets an Error reply.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::proto::{
+    negotiate, split_metadata, ErrorCode, ErrorMessage, FrameDecoder, Hello, HelloReply, Message,
+    Pong, StopReason, PROTOCOL_VERSION,
+};
+
+use super::ports::PortMap;
+use super::recording::{Recording, INSTANCE_PREFIX};
+use super::report::online_cpus;
+use super::tracefs::{current_clock, Tracefs};
+
+/// How often the agent looks for a host while none is connected.
+const IDLE_LOOK: Duration = Duration::from_millis(100);
+/// How long one control message may wait for the host to take it before the session is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a busy session checks its command and pumps.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Settings of the agent process.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Use read/write instead of splice (to exercise the fallback).
+    pub force_copy: bool,
+}
+
+/// Runs the agent for ever.
+pub fn run(opts: &AgentOptions) -> io::Result<()> {
+    let tracefs = Tracefs::find_or_mount().map_err(|e| io::Error::other(e.to_string()))?;
+    for stale in tracefs.instances_with_prefix(INSTANCE_PREFIX) {
+        match tracefs.remove_instance(&stale) {
+            Ok(()) => log(&format!("removed stale instance {stale}")),
+            Err(e) => log(&format!("cannot remove stale instance {stale}: {e}")),
+        }
+    }
+    let mut waited = Duration::ZERO;
+    loop {
+        let ports = PortMap::system();
+        let Some(ctl) = ports.control().map(PathBuf::from) else {
+            if waited.is_zero() {
+                log("no agent-ctl-path port yet; waiting (run `tvctl setup` on the host)");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            waited += Duration::from_secs(1);
+            continue;
+        };
+        let port = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&ctl)?;
+        log(&format!(
+            "ready: control {} data ports {:?}",
+            ctl.display(),
+            ports.cpu_ports()
+        ));
+        let mut agent = Agent {
+            tracefs: tracefs.clone(),
+            ports,
+            port,
+            opts: opts.clone(),
+            decoder: FrameDecoder::new(),
+            version: None,
+            recording: None,
+        };
+        agent.serve()?;
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("tvctl-agent: {msg}");
+}
+
+struct Agent {
+    tracefs: Tracefs,
+    ports: PortMap,
+    port: File,
+    opts: AgentOptions,
+    decoder: FrameDecoder,
+    /// The session's protocol version; None while no session is open.
+    version: Option<u16>,
+    recording: Option<Recording>,
+}
+
+enum Input {
+    Bytes,
+    Nothing,
+    HostGone,
+}
+
+impl Agent {
+    fn serve(&mut self) -> io::Result<()> {
+        let mut host_here = false;
+        loop {
+            match self.read_input()? {
+                Input::HostGone => {
+                    if host_here {
+                        log("host went away");
+                        self.end_session(StopReason::HostGone, false);
+                        host_here = false;
+                    }
+                    std::thread::sleep(IDLE_LOOK);
+                    continue;
+                }
+                Input::Bytes => {
+                    host_here = true;
+                    self.handle_frames();
+                }
+                Input::Nothing => host_here = true,
+            }
+            self.check_recording();
+        }
+    }
+
+    /// Waits up to one tick for bytes on the control port.
+    fn read_input(&mut self) -> io::Result<Input> {
+        let mut fds = [PollFd::new(self.port.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => return Ok(Input::Nothing),
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(Input::Nothing),
+            Err(e) => return Err(e.into()),
+        }
+        let mut buf = [0u8; 65536];
+        let want = buf.len().min(self.decoder.space().max(1));
+        match nix::unistd::read(self.port.as_fd(), &mut buf[..want]) {
+            Ok(0) => Ok(Input::HostGone),
+            Ok(n) => {
+                let taken = self.decoder.push(&buf[..n]);
+                if taken < n {
+                    // The decoder is full of a frame it cannot finish: treat as broken.
+                    self.frame_broken("control buffer overflow");
+                }
+                Ok(Input::Bytes)
+            }
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => Ok(Input::Nothing),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn handle_frames(&mut self) {
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some((_, msg))) => self.handle(msg),
+                Ok(None) => return,
+                Err(e) if e.is_fatal() => {
+                    self.frame_broken(&e.to_string());
+                    if !self.decoder.resync() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let code = e.reply_code().unwrap_or(ErrorCode::BadFrame);
+                    self.send_error(code, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// A frame that cannot be delimited: the session is over; wait for a new Hello.
+    fn frame_broken(&mut self, why: &str) {
+        log(&format!("broken frame ({why}); closing the session"));
+        if self.version.is_some() {
+            self.send_error(ErrorCode::BadFrame, &format!("broken frame: {why}"));
+        }
+        self.end_session(StopReason::AgentError, false);
+    }
+
+    fn handle(&mut self, msg: Message) {
+        if let Message::Hello(h) = msg {
+            self.hello(&h);
+            return;
+        }
+        if self.version.is_none() {
+            // Before Hello, nothing else is accepted (and stale bytes are ignored quietly).
+            return;
+        }
+        match msg {
+            Message::RecordRequest(req) => {
+                if self.recording.is_some() {
+                    self.send_error(
+                        ErrorCode::Busy,
+                        "a recording is already running; send Stop first",
+                    );
+                    return;
+                }
+                let ports = PortMap::system();
+                if !ports.cpu_ports().is_empty() {
+                    self.ports = ports;
+                }
+                match Recording::start(
+                    &req,
+                    &self.tracefs,
+                    &self.ports,
+                    online_cpus(),
+                    page_size(),
+                    self.opts.force_copy,
+                ) {
+                    Ok((rec, started)) => {
+                        log(&format!(
+                            "recording {} on cpus {:?} in {}",
+                            started.events.join(","),
+                            started.cpus,
+                            started.instance
+                        ));
+                        self.recording = Some(rec);
+                        self.send(&Message::Started(started));
+                    }
+                    Err(refusal) => {
+                        log(&format!("refused: {}", refusal.text));
+                        self.send_error(refusal.code, &refusal.text);
+                    }
+                }
+            }
+            Message::Stop => {
+                if self.recording.is_none() {
+                    self.send_error(ErrorCode::NotRecording, "no recording to stop");
+                } else {
+                    self.stop_and_report(StopReason::HostRequest);
+                }
+            }
+            Message::Ping(p) => {
+                let (clock, ts) = self.clock_reading();
+                self.send(&Message::Pong(Pong {
+                    nonce: p.nonce,
+                    clock,
+                    ts,
+                }));
+            }
+            Message::Close => {
+                log("host closed the session");
+                self.end_session(StopReason::HostRequest, false);
+            }
+            other => self.send_error(
+                ErrorCode::BadRequest,
+                &format!("{:?} is not a request the agent serves", other.kind()),
+            ),
+        }
+    }
+
+    fn hello(&mut self, h: &Hello) {
+        if self.recording.is_some() {
+            // A new host while a recording runs: the old host is gone. Clean up first.
+            self.end_session(StopReason::HostGone, false);
+        }
+        let Some(version) = negotiate(h.min_version, h.max_version) else {
+            self.version = None;
+            let text = format!(
+                "host speaks protocol {}..={}, agent speaks {}..={}",
+                h.min_version,
+                h.max_version,
+                crate::proto::MIN_PROTOCOL_VERSION,
+                PROTOCOL_VERSION
+            );
+            let frame = Message::Error(ErrorMessage::new(ErrorCode::UnsupportedVersion, text));
+            self.send_at(PROTOCOL_VERSION, &frame);
+            return;
+        };
+        self.version = Some(version);
+        let ports = PortMap::system();
+        self.ports = ports;
+        let reply = HelloReply {
+            version,
+            nonce: h.nonce,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            cpus: online_cpus(),
+            page_size: page_size(),
+            trace_clocks: self.tracefs.clocks().unwrap_or_default(),
+            data_ports: self.ports.cpu_ports(),
+        };
+        log(&format!("session with {} (protocol {version})", h.software));
+        self.send(&Message::HelloReply(reply));
+    }
+
+    /// Watches the running recording: its command's end, or a pump's failure, stops it.
+    fn check_recording(&mut self) {
+        let Some(rec) = self.recording.as_mut() else {
+            return;
+        };
+        if let Some(status) = rec.command_exited() {
+            log(&format!("command exited with {status}; stopping"));
+            self.stop_and_report(StopReason::CommandExited);
+        } else if let Some(cpu) = rec.failed_pump() {
+            log(&format!("pump of cpu{cpu} failed; stopping"));
+            self.send_error(
+                ErrorCode::Internal,
+                &format!("data pump of cpu{cpu} failed"),
+            );
+            self.stop_and_report(StopReason::AgentError);
+        }
+    }
+
+    fn stop_and_report(&mut self, reason: StopReason) {
+        let Some(rec) = self.recording.take() else {
+            return;
+        };
+        let finished = rec.finish(reason);
+        for (name, data) in &finished.metadata {
+            match split_metadata(name, data) {
+                Ok(chunks) => {
+                    for chunk in chunks {
+                        if !self.send(&Message::Metadata(chunk)) {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => log(&format!("metadata {name} not sent: {e}")),
+            }
+        }
+        let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
+        log(&format!("stopped ({reason:?}); bytes per cpu {bytes:?}"));
+        self.send(&Message::Stopped(finished.stopped));
+    }
+
+    /// Ends the session; a running recording is stopped and cleaned up (reported if `report`).
+    fn end_session(&mut self, reason: StopReason, report: bool) {
+        if report {
+            self.stop_and_report(reason);
+        } else if let Some(rec) = self.recording.take() {
+            let finished = rec.finish(reason);
+            let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
+            log(&format!(
+                "recording abandoned ({reason:?}); bytes per cpu {bytes:?}"
+            ));
+        }
+        self.version = None;
+        self.decoder = FrameDecoder::new();
+    }
+
+    fn send_error(&mut self, code: ErrorCode, text: &str) {
+        let v = self.version.unwrap_or(PROTOCOL_VERSION);
+        self.send_at(v, &Message::Error(ErrorMessage::new(code, text)));
+    }
+
+    fn send(&mut self, msg: &Message) -> bool {
+        let v = self.version.unwrap_or(PROTOCOL_VERSION);
+        self.send_at(v, msg)
+    }
+
+    /// Sends one frame; a host that does not take it within SEND_TIMEOUT ends the session.
+    fn send_at(&mut self, version: u16, msg: &Message) -> bool {
+        let frame = match msg.encode_frame(version) {
+            Ok(f) => f,
+            Err(e) => {
+                log(&format!("cannot encode {:?}: {e}", msg.kind()));
+                return false;
+            }
+        };
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            match nix::unistd::write(self.port.as_fd(), rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    if Instant::now() > deadline {
+                        log("host does not read the control port; dropping the session");
+                        self.version = None;
+                        return false;
+                    }
+                    let mut fds = [PollFd::new(self.port.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(100u16));
+                }
+                Err(e) => {
+                    log(&format!("control port write failed: {e}"));
+                    self.version = None;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A reading of the guest's clock for Pong. The recording's clock where user space can
+    /// read the same clock (mono, mono_raw, boot, x86-tsc), else CLOCK_MONOTONIC, named so.
+    fn clock_reading(&self) -> (String, u64) {
+        let clock = self
+            .tracefs
+            .read("trace_clock")
+            .ok()
+            .and_then(|t| current_clock(&String::from_utf8_lossy(&t)))
+            .unwrap_or_default();
+        read_clock(&clock)
+    }
+}
+
+/// Reads `clock` if user space can, else CLOCK_MONOTONIC; returns the name of what was read.
+pub fn read_clock(clock: &str) -> (String, u64) {
+    use nix::time::{clock_gettime, ClockId};
+    let id = match clock {
+        "mono" => ClockId::CLOCK_MONOTONIC,
+        "mono_raw" => ClockId::CLOCK_MONOTONIC_RAW,
+        "boot" => ClockId::CLOCK_BOOTTIME,
+        #[cfg(target_arch = "x86_64")]
+        "x86-tsc" => {
+            // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it.
+            let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+            return ("x86-tsc".into(), tsc);
+        }
+        _ => ClockId::CLOCK_MONOTONIC,
+    };
+    let name = match id {
+        ClockId::CLOCK_MONOTONIC_RAW => "mono_raw",
+        ClockId::CLOCK_BOOTTIME => "boot",
+        _ => "mono",
+    };
+    let ts = clock_gettime(id)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0);
+    (name.into(), ts)
+}
+
+fn page_size() -> u32 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(4096)
+}

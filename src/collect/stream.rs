@@ -1,0 +1,328 @@
+//! One CPU's stream on the host: `trace-path-cpuN.out` FIFO → pipe → data file, with splice.
+//!
+//! The FIFO may still hold bytes of an earlier, interrupted recording, so the reader first
+//! looks for the stream marker with this recording's nonce (a few small reads), then moves
+//! everything after it with splice(2), never copying pages through user space. QEMU keeps the
+//! FIFO open, so there is no end of file: the stream ends when the byte count the agent reports
+//! in `Stopped` has arrived. The reader never reads past that count, and it is told to give up
+//! early (second Ctrl-C, the domain died) through a shared flag.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::proto::StreamMarker;
+use crate::zerocopy::{write_all_fd, Pulled, SplicePipe};
+
+/// Byte target meaning "not known yet".
+const UNKNOWN: u64 = u64::MAX;
+/// poll(2) timeout while waiting for data: bounds how late a cancel or a target is seen.
+const POLL_MS: u16 = 50;
+/// How much the seeking phase reads at a time.
+const SEEK_READ: usize = 64 * 1024;
+
+/// Shared between a stream's thread and the recording's controller.
+#[derive(Debug)]
+pub struct StreamShared {
+    /// Bytes after the marker written to the data file so far.
+    pub received: AtomicU64,
+    /// The agent's byte count, once `Stopped` has arrived.
+    target: AtomicU64,
+    /// Give up now, keeping what arrived.
+    pub cancel: AtomicBool,
+    /// The marker was found.
+    pub synced: AtomicBool,
+    /// Bytes discarded before the marker (stale data of an earlier recording).
+    pub discarded: AtomicU64,
+    /// Bytes beyond the agent's count that were cut off (an agent bug or a hostile guest).
+    pub excess: AtomicU64,
+}
+
+impl Default for StreamShared {
+    fn default() -> Self {
+        StreamShared {
+            received: AtomicU64::new(0),
+            target: AtomicU64::new(UNKNOWN),
+            cancel: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            discarded: AtomicU64::new(0),
+            excess: AtomicU64::new(0),
+        }
+    }
+}
+
+impl StreamShared {
+    pub fn set_target(&self, bytes: u64) {
+        self.target.store(bytes, Ordering::SeqCst);
+    }
+
+    pub fn target(&self) -> Option<u64> {
+        match self.target.load(Ordering::SeqCst) {
+            UNKNOWN => None,
+            t => Some(t),
+        }
+    }
+}
+
+/// How a stream ended.
+#[derive(Debug)]
+pub struct StreamOutcome {
+    pub cpu: u32,
+    pub received: u64,
+    /// False when the stream was cancelled or failed before its target.
+    pub complete: bool,
+    pub error: Option<io::Error>,
+}
+
+/// A running per-CPU reader.
+#[derive(Debug)]
+pub struct CpuStream {
+    pub cpu: u32,
+    pub shared: Arc<StreamShared>,
+    pub data_path: PathBuf,
+    handle: JoinHandle<StreamOutcome>,
+}
+
+impl CpuStream {
+    /// Opens `fifo` for reading right away (so the guest never writes into a FIFO nobody
+    /// reads) and starts the thread that fills `data_path`.
+    pub fn start(cpu: u32, fifo: &Path, data_path: &Path, nonce: u64) -> io::Result<CpuStream> {
+        let fifo_file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(fifo)?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(data_path)?;
+        let shared = Arc::new(StreamShared::default());
+        let thread_shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("collect-cpu{cpu}"))
+            .spawn(move || {
+                let mut outcome = StreamOutcome {
+                    cpu,
+                    received: 0,
+                    complete: false,
+                    error: None,
+                };
+                match run(cpu, &fifo_file, &out, nonce, &thread_shared) {
+                    Ok(complete) => outcome.complete = complete,
+                    Err(e) => outcome.error = Some(e),
+                }
+                outcome.received = thread_shared.received.load(Ordering::SeqCst);
+                outcome
+            })?;
+        Ok(CpuStream {
+            cpu,
+            shared,
+            data_path: data_path.to_path_buf(),
+            handle,
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    pub fn join(self) -> StreamOutcome {
+        let cpu = self.cpu;
+        let received = self.shared.received.load(Ordering::SeqCst);
+        self.handle.join().unwrap_or_else(|_| StreamOutcome {
+            cpu,
+            received,
+            complete: false,
+            error: Some(io::Error::other("collector thread panicked")),
+        })
+    }
+}
+
+/// Returns Ok(true) when the target was reached, Ok(false) when cancelled first.
+fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> io::Result<bool> {
+    // Phase 1: find the marker. Keep the last LEN-1 bytes in case it spans two reads.
+    let mut window: Vec<u8> = Vec::with_capacity(SEEK_READ + StreamMarker::LEN);
+    let mut buf = vec![0u8; SEEK_READ];
+    loop {
+        if shared.cancel.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let n = match read_some(fifo, &mut buf)? {
+            Some(n) => n,
+            None => continue,
+        };
+        window.extend_from_slice(&buf[..n]);
+        if let Some(at) = StreamMarker::find(&window, nonce, cpu) {
+            shared.discarded.fetch_add(at as u64, Ordering::SeqCst);
+            shared.synced.store(true, Ordering::SeqCst);
+            let tail = &window[at + StreamMarker::LEN..];
+            // The tail is part of the stream; with a target known, never keep more than it.
+            write_all_fd(out, tail)?;
+            shared
+                .received
+                .fetch_add(tail.len() as u64, Ordering::SeqCst);
+            break;
+        }
+        let keep = StreamMarker::LEN - 1;
+        if window.len() > keep {
+            let drop = window.len() - keep;
+            shared.discarded.fetch_add(drop as u64, Ordering::SeqCst);
+            window.drain(..drop);
+        }
+    }
+    drop(window);
+    drop(buf);
+
+    // Phase 2: splice until the target.
+    let pipe = SplicePipe::new(1 << 20)?;
+    loop {
+        let received = shared.received.load(Ordering::SeqCst);
+        if let Some(target) = shared.target() {
+            if received > target {
+                // More than the agent said it sent: keep exactly its count.
+                out.set_len(target)?;
+                shared.excess.store(received - target, Ordering::SeqCst);
+                shared.received.store(target, Ordering::SeqCst);
+                return Ok(true);
+            }
+            if received == target {
+                return Ok(true);
+            }
+        }
+        if shared.cancel.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let max = match shared.target() {
+            Some(t) => usize::try_from(t - received).unwrap_or(usize::MAX),
+            None => usize::MAX,
+        }
+        .min(pipe.capacity());
+        match pipe.pull(fifo, max, true)? {
+            Pulled::Bytes(n) => {
+                pipe.push_all(out, n)?;
+                shared.received.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Pulled::WouldBlock | Pulled::Eof => wait_readable(fifo)?,
+        }
+    }
+}
+
+/// One non-blocking read, after waiting briefly for data. None: nothing yet.
+fn read_some(fifo: &File, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match nix::unistd::read(fifo.as_fd(), buf) {
+        Ok(0) => {
+            // No writer (QEMU not running yet): wait like for no data.
+            wait_readable(fifo)?;
+            Ok(None)
+        }
+        Ok(n) => Ok(Some(n)),
+        Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+            wait_readable(fifo)?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn wait_readable(fifo: &File) -> io::Result<()> {
+    let mut fds = [PollFd::new(fifo.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(POLL_MS)) {
+        Ok(_) | Err(Errno::EINTR) => {
+            // With no writer, poll reports POLLHUP at once: sleep instead of spinning.
+            if fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP) && !r.contains(PollFlags::POLLIN))
+            {
+                std::thread::sleep(Duration::from_millis(u64::from(POLL_MS)));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fifo_pair(dir: &Path) -> (PathBuf, File) {
+        let p = dir.join("f.out");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Like QEMU: the writer holds the FIFO read-write, so readers never see EOF.
+        let w = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        (p, w)
+    }
+
+    #[test]
+    fn stale_bytes_before_the_marker_are_discarded_and_the_target_is_exact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fifo, mut writer) = fifo_pair(tmp.path());
+        let data = tmp.path().join("cpu0.data");
+        let stream = CpuStream::start(0, &fifo, &data, 42).unwrap();
+
+        let stale = vec![0xAAu8; 1000];
+        let old_marker = StreamMarker {
+            stream_nonce: 41,
+            cpu: 0,
+            page_size: 4096,
+        }
+        .to_bytes();
+        let marker = StreamMarker {
+            stream_nonce: 42,
+            cpu: 0,
+            page_size: 4096,
+        }
+        .to_bytes();
+        let pages: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 253) as u8).collect();
+        writer.write_all(&stale).unwrap();
+        writer.write_all(&old_marker).unwrap();
+        writer.write_all(&marker).unwrap();
+        writer.write_all(&pages).unwrap();
+        // Bytes beyond the agent's count (here already in the FIFO) must not be kept.
+        writer.write_all(b"beyond the count").unwrap();
+        stream.shared.set_target(pages.len() as u64);
+        let shared = Arc::clone(&stream.shared);
+
+        let outcome = stream.join();
+        assert!(outcome.complete, "{outcome:?}");
+        assert_eq!(outcome.received, pages.len() as u64);
+        assert_eq!(std::fs::read(&data).unwrap(), pages);
+        assert_eq!(shared.excess.load(Ordering::SeqCst), 16);
+        assert_eq!(shared.discarded.load(Ordering::SeqCst), 1000 + 32);
+    }
+
+    #[test]
+    fn cancel_keeps_what_arrived() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fifo, mut writer) = fifo_pair(tmp.path());
+        let data = tmp.path().join("cpu1.data");
+        let stream = CpuStream::start(1, &fifo, &data, 7).unwrap();
+        writer
+            .write_all(
+                &StreamMarker {
+                    stream_nonce: 7,
+                    cpu: 1,
+                    page_size: 4096,
+                }
+                .to_bytes(),
+            )
+            .unwrap();
+        writer.write_all(&[1u8; 4096]).unwrap();
+        while stream.shared.received.load(Ordering::SeqCst) < 4096 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stream.shared.cancel.store(true, Ordering::SeqCst);
+        let outcome = stream.join();
+        assert!(!outcome.complete);
+        assert_eq!(std::fs::read(&data).unwrap().len(), 4096);
+    }
+}

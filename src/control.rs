@@ -1,0 +1,222 @@
+//! The host end of the control channel: connect to the socket QEMU binds for `agent-ctl-path`,
+//! handshake, and exchange messages with deadlines.
+//!
+//! The guest is not trusted: every frame is read through the bounded decoder of
+//! [`crate::proto`], replies are matched by nonce (stale replies of an earlier session are
+//! discarded), and every wait has a deadline so a silent guest cannot hang the host.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::proto::{
+    ErrorMessage, FrameDecoder, Hello, HelloReply, Message, ProtoError, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
+
+/// Errors on the control channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to the agent's control socket {path}: {source}. Is the domain running and set up (`tvctl setup`)?")]
+    Connect {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the guest agent did not answer within {0:?}: is tvctl-agent running in the guest? (read the guest's console log)")]
+    Timeout(Duration),
+    #[error("the guest closed the control channel")]
+    Closed,
+    #[error("control channel I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("the guest sent a broken frame: {0}")]
+    Protocol(#[from] ProtoError),
+    #[error("the agent refused: {0:?}: {1}")]
+    Refused(crate::proto::ErrorCode, String),
+    #[error("the agent sent {0} where {1} was expected")]
+    Unexpected(String, &'static str),
+}
+
+impl ControlError {
+    fn refused(e: ErrorMessage) -> ControlError {
+        ControlError::Refused(e.code, e.text)
+    }
+}
+
+/// A connected, handshaken control channel.
+#[derive(Debug)]
+pub struct ControlChannel {
+    sock: UnixStream,
+    decoder: FrameDecoder,
+    version: u16,
+    pub hello: HelloReply,
+}
+
+impl ControlChannel {
+    /// Connects to `socket` (retrying until `deadline`: QEMU may not have bound it yet) and
+    /// handshakes. The agent polls for hosts every ~100 ms, so the Hello is re-sent until the
+    /// answer with our nonce arrives.
+    pub fn connect(socket: &Path, software: &str, timeout: Duration) -> Result<Self, ControlError> {
+        let deadline = Instant::now() + timeout;
+        let sock = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    if e.kind() == io::ErrorKind::PermissionDenied {
+                        return Err(ControlError::Connect {
+                            path: socket.display().to_string(),
+                            source: e,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(ControlError::Connect {
+                        path: socket.display().to_string(),
+                        source: e,
+                    })
+                }
+            }
+        };
+        let nonce = random_u64();
+        let mut chan = ControlChannel {
+            sock,
+            decoder: FrameDecoder::new(),
+            version: PROTOCOL_VERSION,
+            hello: HelloReply {
+                version: 0,
+                nonce: 0,
+                agent_version: String::new(),
+                kernel_release: String::new(),
+                cpus: 0,
+                page_size: 0,
+                trace_clocks: Vec::new(),
+                data_ports: Vec::new(),
+            },
+        };
+        let hello = Message::Hello(Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: software.to_string(),
+            nonce,
+        });
+        // Bytes sent while the agent was between sessions may be lost; resend every second.
+        let mut next_send = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ControlError::Timeout(timeout));
+            }
+            if now >= next_send {
+                chan.send(&hello)?;
+                next_send = now + Duration::from_secs(1);
+            }
+            let wait = next_send
+                .min(deadline)
+                .saturating_duration_since(Instant::now());
+            match chan.recv(wait.max(Duration::from_millis(1))) {
+                Ok(Message::HelloReply(r)) if r.nonce == nonce => {
+                    chan.version = r.version;
+                    chan.hello = r;
+                    return Ok(chan);
+                }
+                Ok(Message::Error(e)) if e.code == crate::proto::ErrorCode::UnsupportedVersion => {
+                    return Err(ControlError::refused(e));
+                }
+                Ok(_) => {} // stale: an earlier session's reply
+                Err(ControlError::Timeout(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    pub fn send(&mut self, msg: &Message) -> Result<(), ControlError> {
+        let frame = msg.encode_frame(self.version)?;
+        self.sock.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Message, ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some((_, msg))) => return Ok(msg),
+                Ok(None) => {}
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(_) => continue, // a well-framed message we cannot use: skip it
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ControlError::Timeout(timeout));
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            let want = buf.len().min(self.decoder.space().max(1));
+            match self.sock.read(&mut buf[..want]) {
+                Ok(0) => return Err(ControlError::Closed),
+                Ok(n) => {
+                    self.decoder.push(&buf[..n]);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ControlError::Timeout(timeout));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends `msg` and waits for the first reply that is not a stray Pong or Metadata.
+    pub fn request(&mut self, msg: &Message, timeout: Duration) -> Result<Message, ControlError> {
+        self.send(msg)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left)? {
+                Message::Error(e) => return Err(ControlError::refused(e)),
+                Message::HelloReply(_) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Says goodbye (best effort) and shuts the socket.
+    pub fn close(mut self) {
+        let _ = self.send(&Message::Close);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The raw socket, for callers that poll it together with other descriptors.
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+}
+
+/// A random u64 for nonces (no RNG crate needed: the kernel's).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    let v = u64::from_le_bytes(b);
+    if v == 0 {
+        // Never 0: the clock is good enough as a last resort.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(1))
+            .unwrap_or(1)
+    } else {
+        v
+    }
+}
