@@ -84,11 +84,16 @@ impl PageLayout {
             ));
         }
         let timestamp = read_le(page, self.timestamp_offset, 8);
-        let commit = read_le(page, self.commit_offset, self.commit_size);
-        if commit >> 32 != 0 {
+        let raw_commit = read_le(page, self.commit_offset, self.commit_size);
+        // The kernel adds RB_MISSED_EVENTS, an int `1 << 31`, to a signed long: on 64-bit
+        // guests it arrives sign-extended, as 0xffffffff in the upper half.
+        let commit = raw_commit & 0xffff_ffff;
+        let upper = raw_commit >> 32;
+        let sign_extended = upper == 0xffff_ffff && commit & RB_MISSED_EVENTS != 0;
+        if upper != 0 && !sign_extended {
             return Err(PageError::new(
                 self.commit_offset,
-                format!("commit {commit:#x} has bits above bit 31 set"),
+                format!("commit {raw_commit:#x} has bits above bit 31 set"),
             ));
         }
         let data_len = usize::try_from(commit & COMMIT_LEN_MASK)

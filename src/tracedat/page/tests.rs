@@ -106,7 +106,10 @@ impl PageBuilder {
     fn build(self) -> Vec<u8> {
         let mut page = vec![0; 4096];
         page[..8].copy_from_slice(&self.timestamp.to_le_bytes());
-        let commit = u64::try_from(self.data.len()).unwrap() | self.flags;
+        let mut commit = u64::try_from(self.data.len()).unwrap() | self.flags;
+        if commit & RB_MISSED_EVENTS != 0 {
+            commit |= 0xffff_ffff << 32; // sign-extended, as the kernel's local_add leaves it
+        }
         page[8..16].copy_from_slice(&commit.to_le_bytes());
         page[16..16 + self.data.len()].copy_from_slice(&self.data);
         if let Some(n) = self.stored_missed {
@@ -271,6 +274,27 @@ fn missed_events_without_room_for_a_count_are_unknown() {
 fn missed_stored_without_missed_events_is_an_error() {
     let mut page = PageBuilder::new(0).build();
     page[8..16].copy_from_slice(&RB_MISSED_STORED.to_le_bytes());
+
+    assert!(layout().page(&page).is_err());
+}
+
+#[test]
+fn missed_events_flag_without_sign_extension_is_read_too() {
+    let mut page = PageBuilder::new(0).small(1, &payload(5, 4)).build();
+    page[8..16].copy_from_slice(&(8 | RB_MISSED_EVENTS).to_le_bytes());
+
+    let parsed = layout().page(&page).unwrap();
+
+    assert_eq!(
+        (parsed.missed, parsed.data_len()),
+        (MissedEvents::Unknown, 8)
+    );
+}
+
+#[test]
+fn sign_extension_without_missed_events_is_an_error() {
+    let mut page = PageBuilder::new(0).build();
+    page[8..16].copy_from_slice(&(0xffff_ffff_0000_0008u64).to_le_bytes());
 
     assert!(layout().page(&page).is_err());
 }
