@@ -16,6 +16,9 @@ pub struct EventCounts {
     pub missed_pages: u64,
     /// Sum of the lost-event counts the kernel stored; pages without a stored count add none.
     pub missed_events: u64,
+    /// Flagged pages without a stored count (the page was too full to hold it): more events
+    /// than `missed_events` were lost, how many is unknown.
+    pub missed_uncounted_pages: u64,
     /// Records per event id (`common_type`).
     pub per_type: BTreeMap<u16, u64>,
     /// Smallest event time.
@@ -40,7 +43,10 @@ impl EventCounts {
         self.pages += 1;
         match page.missed {
             MissedEvents::None => {}
-            MissedEvents::Unknown => self.missed_pages += 1,
+            MissedEvents::Unknown => {
+                self.missed_pages += 1;
+                self.missed_uncounted_pages += 1;
+            }
             MissedEvents::Count(n) => {
                 self.missed_pages += 1;
                 self.missed_events = self.missed_events.saturating_add(n);
@@ -66,6 +72,7 @@ impl EventCounts {
         self.pages += other.pages;
         self.missed_pages += other.missed_pages;
         self.missed_events = self.missed_events.saturating_add(other.missed_events);
+        self.missed_uncounted_pages += other.missed_uncounted_pages;
         for (id, n) in &other.per_type {
             *self.per_type.entry(*id).or_default() += n;
         }

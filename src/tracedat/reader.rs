@@ -11,7 +11,7 @@ use super::{
     option_id, CpuExtent, TraceDatError, TraceMeta, MAGIC, MAX_CPUS, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
 };
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -52,6 +52,9 @@ impl TraceDatFile {
             .metadata()
             .map_err(|e| TraceDatError::io("read the trace.dat's size", e))?
             .len();
+        (&file)
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| TraceDatError::io("seek to the start of the trace.dat", e))?;
         let mut input = Input {
             r: BufReader::with_capacity(1 << 16, &file),
             pos: 0,

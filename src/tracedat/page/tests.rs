@@ -369,6 +369,7 @@ fn counts_add_up_pages_events_types_and_missed_events() {
     assert_eq!(counts.per_type.get(&7), Some(&2));
     assert_eq!(counts.per_type.get(&8), Some(&1));
     assert_eq!((counts.missed_pages, counts.missed_events), (2, 5));
+    assert_eq!(counts.missed_uncounted_pages, 1);
     assert_eq!((counts.first_ts, counts.last_ts), (Some(90), Some(102)));
     assert_eq!(counts.ts_backwards, 1);
 }
