@@ -1,0 +1,463 @@
+//! Reads the version-6 trace.dat files the writer produces (and trace-cmd's own v6 files, as far
+//! as they use the same sections) back into a [`TraceMeta`] and per-CPU page extents.
+//!
+//! Every length and count read from the file is checked against the bytes that remain in the
+//! file and against a fixed cap before anything is allocated, so a corrupt or hostile file
+//! yields [`TraceDatError::Corrupt`], never a huge allocation or a panic.
+
+use super::count::EventCounts;
+use super::page::PageLayout;
+use super::{
+    option_id, CpuExtent, TraceDatError, TraceMeta, MAGIC, MAX_CPUS, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
+};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Caps on what one section may claim, far above anything a real guest produces.
+const MAX_HEADER_TEXT: u64 = 1 << 20;
+const MAX_FORMAT_TEXT: u64 = 1 << 20;
+const MAX_FORMATS: u32 = 1 << 16;
+const MAX_SYSTEM_NAME: usize = 256;
+const MAX_KALLSYMS: u64 = 1 << 30;
+const MAX_PRINTK_FORMATS: u64 = 1 << 28;
+const MAX_CMDLINES: u64 = 1 << 28;
+const MAX_OPTION: u64 = 1 << 24;
+const MAX_OPTIONS: usize = 1 << 16;
+const MAX_TRACE_CLOCK: u64 = 1 << 16;
+
+/// An open trace.dat: its metadata, and where each CPU's pages are.
+#[derive(Debug)]
+pub struct TraceDatFile {
+    file: File,
+    meta: TraceMeta,
+    layout: PageLayout,
+    cpus: Vec<CpuExtent>,
+    other_options: Vec<(u16, Vec<u8>)>,
+}
+
+impl TraceDatFile {
+    /// Opens and parses everything but the pages.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceDatError> {
+        let path = path.as_ref();
+        let file = File::open(path)
+            .map_err(|e| TraceDatError::io(format!("open {}", path.display()), e))?;
+        Self::from_file(file)
+    }
+
+    /// Parses an already open file, reading it from offset 0.
+    pub fn from_file(file: File) -> Result<Self, TraceDatError> {
+        let file_len = file
+            .metadata()
+            .map_err(|e| TraceDatError::io("read the trace.dat's size", e))?
+            .len();
+        (&file)
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| TraceDatError::io("seek to the start of the trace.dat", e))?;
+        let mut input = Input {
+            r: BufReader::with_capacity(1 << 16, &file),
+            pos: 0,
+            len: file_len,
+        };
+        let parsed = parse(&mut input)?;
+        drop(input);
+        Ok(TraceDatFile {
+            file,
+            meta: parsed.meta,
+            layout: parsed.layout,
+            cpus: parsed.cpus,
+            other_options: parsed.other_options,
+        })
+    }
+
+    pub fn meta(&self) -> &TraceMeta {
+        &self.meta
+    }
+
+    /// The page layout from the file's `header_page`, to walk its pages.
+    pub fn layout(&self) -> &PageLayout {
+        &self.layout
+    }
+
+    /// One entry per CPU, in CPU order.
+    pub fn cpus(&self) -> &[CpuExtent] {
+        &self.cpus
+    }
+
+    /// Options other than those in [`TraceMeta`], as `(id, data)` in file order.
+    pub fn other_options(&self) -> &[(u16, Vec<u8>)] {
+        &self.other_options
+    }
+
+    /// The pages of one CPU, read one at a time.
+    pub fn pages(&self, cpu: usize) -> Result<CpuPages<'_>, TraceDatError> {
+        let extent = self.extent(cpu)?;
+        Ok(CpuPages {
+            file: &self.file,
+            next: extent.offset,
+            end: extent.offset + extent.size,
+            page_size: self.layout.page_size(),
+        })
+    }
+
+    /// All pages of one CPU in one buffer (as large as the CPU's data, which the file holds).
+    pub fn read_cpu_data(&self, cpu: usize) -> Result<Vec<u8>, TraceDatError> {
+        let extent = self.extent(cpu)?;
+        let len = usize::try_from(extent.size).map_err(|_| {
+            TraceDatError::Unsupported(format!("CPU {cpu} has more data than fits in memory"))
+        })?;
+        let mut data = vec![0; len];
+        self.file
+            .read_exact_at(&mut data, extent.offset)
+            .map_err(|e| TraceDatError::io(format!("read CPU {cpu}'s pages"), e))?;
+        Ok(data)
+    }
+
+    /// Counts the events of one CPU, a page at a time.
+    pub fn count_events(&self, cpu: usize) -> Result<EventCounts, TraceDatError> {
+        let mut counts = EventCounts::default();
+        for page in self.pages(cpu)? {
+            counts.add_page(&self.layout, &page?)?;
+        }
+        Ok(counts)
+    }
+
+    fn extent(&self, cpu: usize) -> Result<CpuExtent, TraceDatError> {
+        self.cpus.get(cpu).copied().ok_or_else(|| {
+            TraceDatError::Unsupported(format!(
+                "CPU {cpu} asked for, the file has {} CPUs",
+                self.cpus.len()
+            ))
+        })
+    }
+}
+
+/// Iterator over one CPU's pages, each `page_size` bytes.
+#[derive(Debug)]
+pub struct CpuPages<'f> {
+    file: &'f File,
+    next: u64,
+    end: u64,
+    page_size: usize,
+}
+
+impl Iterator for CpuPages<'_> {
+    type Item = Result<Vec<u8>, TraceDatError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
+        }
+        let mut page = vec![0; self.page_size];
+        let at = self.next;
+        // The reader checked that extents are whole pages inside the file.
+        self.next = self
+            .end
+            .min(at.saturating_add(u64::try_from(self.page_size).ok()?));
+        Some(
+            self.file
+                .read_exact_at(&mut page, at)
+                .map(|()| page)
+                .map_err(|e| TraceDatError::io(format!("read the page at byte {at}"), e)),
+        )
+    }
+}
+
+struct Parsed {
+    meta: TraceMeta,
+    layout: PageLayout,
+    cpus: Vec<CpuExtent>,
+    other_options: Vec<(u16, Vec<u8>)>,
+}
+
+fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
+    if input.len < 10 || input.bytes(10, 10, "magic")? != MAGIC {
+        return Err(input.corrupt_at(0, "no trace.dat magic: this is not a trace.dat file"));
+    }
+    let version = input.c_string(16, "version")?;
+    match version.as_slice() {
+        b"6" => {}
+        b"7" => {
+            return Err(TraceDatError::Unsupported(
+                "version 7 (sections): tvctl reads the version 6 files it writes; \
+                 convert with `trace-cmd convert --file-version 6`"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(TraceDatError::Unsupported(format!(
+                "version {:?}",
+                String::from_utf8_lossy(other)
+            )))
+        }
+    }
+    if input.u8()? != 0 {
+        return Err(TraceDatError::Unsupported("big-endian file".into()));
+    }
+    let long_size = input.u8()?;
+    if long_size != 4 && long_size != 8 {
+        return Err(input.corrupt(format!("sizeof(long) is {long_size}, not 4 or 8")));
+    }
+    let page_size = input.u32()?;
+    if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        return Err(input.corrupt(format!("page size {page_size} is impossible")));
+    }
+
+    let mut meta = TraceMeta {
+        page_size,
+        ..TraceMeta::default()
+    };
+    input.expect(b"header_page\0")?;
+    meta.header_page = input.text_u64(MAX_HEADER_TEXT, "header_page")?;
+    input.expect(b"header_event\0")?;
+    meta.header_event = input.text_u64(MAX_HEADER_TEXT, "header_event")?;
+
+    let count = input.count(MAX_FORMATS, "ftrace formats")?;
+    for _ in 0..count {
+        meta.ftrace_formats
+            .push(input.text_u64(MAX_FORMAT_TEXT, "ftrace format")?);
+    }
+    let systems = input.count(MAX_FORMATS, "event systems")?;
+    for _ in 0..systems {
+        let name = input.c_string(MAX_SYSTEM_NAME, "event system name")?;
+        let name = input.utf8(name, "event system name")?;
+        let count = input.count(MAX_FORMATS, "event formats")?;
+        let mut formats = Vec::new();
+        for _ in 0..count {
+            formats.push(input.text_u64(MAX_FORMAT_TEXT, "event format")?);
+        }
+        meta.event_systems.push((name, formats));
+    }
+    meta.kallsyms = input.text_u32(MAX_KALLSYMS, "kallsyms")?;
+    meta.printk_formats = input.text_u32(MAX_PRINTK_FORMATS, "printk_formats")?;
+    meta.saved_cmdlines = input.text_u64(MAX_CMDLINES, "saved_cmdlines")?;
+    let ncpus = input.u32()?;
+    let ncpus = usize::try_from(ncpus)
+        .ok()
+        .filter(|n| (1..=MAX_CPUS).contains(n))
+        .ok_or_else(|| input.corrupt(format!("{ncpus} CPUs")))?;
+
+    let mut other_options = Vec::new();
+    let mut has_clock_option = false;
+    let mut tag = input.bytes(10, 10, "section tag")?;
+    if tag == b"options  \0" {
+        loop {
+            let id = input.u16()?;
+            if id == option_id::DONE {
+                break;
+            }
+            if other_options.len() + meta.cpu_stats.len() >= MAX_OPTIONS {
+                return Err(input.corrupt(format!("more than {MAX_OPTIONS} options")));
+            }
+            let size = u64::from(input.u32()?);
+            let data = input.bytes(size, MAX_OPTION, "option")?;
+            match id {
+                option_id::UNAME => meta.uname = Some(input.option_text(data, "UNAME")?),
+                option_id::TRACECLOCK => {
+                    has_clock_option = true;
+                    meta.trace_clock = Some(input.option_text(data, "TRACECLOCK")?);
+                }
+                option_id::TRACEID => {
+                    let bytes: [u8; 8] = data
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| input.corrupt(format!("TRACEID of {size} bytes, not 8")))?;
+                    meta.trace_id = Some(u64::from_le_bytes(bytes));
+                }
+                option_id::CPUSTAT => meta.cpu_stats.push(input.option_text(data, "CPUSTAT")?),
+                _ => other_options.push((id, data)),
+            }
+        }
+        tag = input.bytes(10, 10, "section tag")?;
+    }
+    if tag != b"flyrecord\0" {
+        return Err(TraceDatError::Unsupported(format!(
+            "data section {:?}: only flyrecord files are read",
+            String::from_utf8_lossy(&tag)
+        )));
+    }
+
+    let mut cpus = Vec::new();
+    for cpu in 0..ncpus {
+        let offset = input.u64()?;
+        let size = input.u64()?;
+        let fits = offset.checked_add(size).is_some_and(|end| end <= input.len);
+        if !fits {
+            return Err(input.corrupt(format!(
+                "CPU {cpu}'s {size} bytes at {offset} lie beyond the file's {} bytes",
+                input.len
+            )));
+        }
+        if size % u64::from(page_size) != 0 || (size > 0 && offset % u64::from(page_size) != 0) {
+            return Err(input.corrupt(format!(
+                "CPU {cpu}'s {size} bytes at {offset} are not whole aligned pages"
+            )));
+        }
+        cpus.push(CpuExtent { offset, size });
+    }
+    if has_clock_option {
+        let text = input.text_u64(MAX_TRACE_CLOCK, "trace_clock")?;
+        meta.trace_clock = Some(input.utf8(text, "trace_clock")?);
+    }
+    let header_end = input.pos;
+    if let Some((cpu, extent)) = cpus
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.size > 0 && e.offset < header_end)
+    {
+        return Err(input.corrupt(format!(
+            "CPU {cpu}'s data at {} overlaps the header ending at {header_end}",
+            extent.offset
+        )));
+    }
+
+    let layout = PageLayout::from_meta(&meta)?;
+    if layout.long_size() != usize::from(long_size) {
+        return Err(input.corrupt_at(
+            13,
+            format!(
+                "sizeof(long) is {long_size} but header_page's commit has {} bytes",
+                layout.long_size()
+            ),
+        ));
+    }
+    Ok(Parsed {
+        meta,
+        layout,
+        cpus,
+        other_options,
+    })
+}
+
+/// A bounded cursor over the file.
+struct Input<'f> {
+    r: BufReader<&'f File>,
+    pos: u64,
+    len: u64,
+}
+
+impl Input<'_> {
+    fn corrupt(&self, what: impl Into<String>) -> TraceDatError {
+        self.corrupt_at(self.pos, what)
+    }
+
+    fn corrupt_at(&self, offset: u64, what: impl Into<String>) -> TraceDatError {
+        TraceDatError::Corrupt {
+            offset,
+            what: what.into(),
+        }
+    }
+
+    /// Reads `n` bytes, if `n` is within `cap` and within the rest of the file.
+    fn bytes(&mut self, n: u64, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+        let remaining = self.len - self.pos;
+        if n > remaining {
+            return Err(self.corrupt(format!(
+                "{what} needs {n} bytes, the file has {remaining} left"
+            )));
+        }
+        if n > cap {
+            return Err(self.corrupt(format!("{what} claims {n} bytes, more than {cap}")));
+        }
+        let len = usize::try_from(n).map_err(|_| self.corrupt(format!("{what} too large")))?;
+        let mut buf = vec![0; len];
+        self.r.read_exact(&mut buf).map_err(|e| {
+            TraceDatError::io(
+                format!("read {what} at byte {} of the trace.dat", self.pos),
+                e,
+            )
+        })?;
+        self.pos += n;
+        Ok(buf)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], TraceDatError> {
+        let n = u64::try_from(N).unwrap_or(u64::MAX);
+        let bytes = self.bytes(n, n, what)?;
+        bytes
+            .try_into()
+            .map_err(|_| self.corrupt(format!("{what}: short read")))
+    }
+
+    fn u8(&mut self) -> Result<u8, TraceDatError> {
+        Ok(self.array::<1>("byte")?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, TraceDatError> {
+        Ok(u16::from_le_bytes(self.array("u16")?))
+    }
+
+    fn u32(&mut self) -> Result<u32, TraceDatError> {
+        Ok(u32::from_le_bytes(self.array("u32")?))
+    }
+
+    fn u64(&mut self) -> Result<u64, TraceDatError> {
+        Ok(u64::from_le_bytes(self.array("u64")?))
+    }
+
+    fn count(&mut self, cap: u32, what: &str) -> Result<u32, TraceDatError> {
+        let n = self.u32()?;
+        if n > cap {
+            return Err(self.corrupt(format!("{n} {what}, more than {cap}")));
+        }
+        Ok(n)
+    }
+
+    fn expect(&mut self, tag: &[u8]) -> Result<(), TraceDatError> {
+        let at = self.pos;
+        let n = u64::try_from(tag.len()).unwrap_or(u64::MAX);
+        let got = self.bytes(n, n, "section tag")?;
+        if got != tag {
+            return Err(self.corrupt_at(
+                at,
+                format!(
+                    "expected {:?}, found {:?}",
+                    String::from_utf8_lossy(tag),
+                    String::from_utf8_lossy(&got)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn text_u64(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+        let n = self.u64()?;
+        self.bytes(n, cap, what)
+    }
+
+    fn text_u32(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+        let n = u64::from(self.u32()?);
+        self.bytes(n, cap, what)
+    }
+
+    /// A NUL-terminated string of at most `max` bytes before the NUL.
+    fn c_string(&mut self, max: usize, what: &str) -> Result<Vec<u8>, TraceDatError> {
+        let mut s = Vec::new();
+        loop {
+            let byte = self.u8()?;
+            if byte == 0 {
+                return Ok(s);
+            }
+            if s.len() == max {
+                return Err(self.corrupt(format!("{what} is not terminated within {max} bytes")));
+            }
+            s.push(byte);
+        }
+    }
+
+    fn utf8(&self, bytes: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
+        String::from_utf8(bytes).map_err(|_| self.corrupt(format!("{what} is not UTF-8")))
+    }
+
+    /// An option's text without its terminating NUL.
+    fn option_text(&self, mut data: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
+        if data.last() == Some(&0) {
+            data.pop();
+        }
+        if data.contains(&0) {
+            return Err(self.corrupt(format!("{what} option holds a NUL inside its text")));
+        }
+        self.utf8(data, what)
+    }
+}
