@@ -13,6 +13,7 @@
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `control` (host): the host end of the control channel: connect, handshake, deadlines.
+//! - `trace` (host): `tvctl trace`: boot, record, write trace.dat, summarise.
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
 
 pub mod agent;
@@ -30,3 +31,5 @@ pub mod control;
 pub mod domxml;
 #[cfg(feature = "host")]
 pub mod libvirt;
+#[cfg(feature = "host")]
+pub mod trace;

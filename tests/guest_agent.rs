@@ -116,6 +116,11 @@ fn record_on_every_vcpu_gives_exact_whole_pages_and_leaves_the_guest_clean() {
             done.metadata.keys().collect::<Vec<_>>()
         );
     }
+    let header_page = String::from_utf8_lossy(&done.metadata["events/header_page"]);
+    assert!(
+        header_page.contains("field: char data"),
+        "header_page cut short: {header_page}"
+    );
     let format = String::from_utf8_lossy(&done.metadata["events/sched/sched_switch/format"]);
     assert!(format.contains("field:char prev_comm[16]"), "{format}");
 

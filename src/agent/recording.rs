@@ -68,7 +68,7 @@ pub struct Recording {
     command_status: Option<i32>,
 }
 
-/// What a stopped recording hands back: the files trace-cmd needs, and the counts.
+/// What a stopped recording hands back: the files that grew while tracing, and the counts.
 pub struct Finished {
     pub metadata: Vec<(String, Vec<u8>)>,
     pub stopped: Stopped,
@@ -293,7 +293,7 @@ impl Recording {
         for n in &notes {
             eprintln!("tvctl-agent: {n}");
         }
-        let metadata = self.metadata(&instance);
+        let metadata = self.final_metadata();
         if let Err(e) = instance.remove() {
             eprintln!("tvctl-agent: could not remove instance: {e}");
         }
@@ -307,8 +307,9 @@ impl Recording {
         }
     }
 
-    /// The files trace-cmd puts in a trace.dat, read from the guest's tracefs.
-    fn metadata(&self, instance: &Instance) -> Vec<(String, Vec<u8>)> {
+    /// The files trace-cmd needs that do not change while tracing; sent right after
+    /// `Started`, so the host can write a valid file even if the guest dies mid-recording.
+    pub fn static_metadata(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         let mut push = |name: String, data: Result<Vec<u8>, TracefsError>| match data {
             Ok(d) => out.push((name, d)),
@@ -334,16 +335,18 @@ impl Recording {
         }
         push(
             "kallsyms".into(),
-            std::fs::read("/proc/kallsyms").map_err(|source| TracefsError::Io {
-                path: "/proc/kallsyms".into(),
-                source,
+            super::tracefs::read_whole(std::path::Path::new("/proc/kallsyms")).map_err(|source| {
+                TracefsError::Io {
+                    path: "/proc/kallsyms".into(),
+                    source,
+                }
             }),
         );
         push("printk_formats".into(), self.tracefs.read("printk_formats"));
-        push("saved_cmdlines".into(), self.tracefs.read("saved_cmdlines"));
-        push("saved_tgids".into(), self.tracefs.read("saved_tgids"));
-        if let Ok(text) = instance.trace_clock_text() {
-            push("trace_clock".into(), Ok(text.into_bytes()));
+        if let Some(instance) = &self.instance {
+            if let Ok(text) = instance.trace_clock_text() {
+                push("trace_clock".into(), Ok(text.into_bytes()));
+            }
         }
         if let Ok(u) = nix::sys::utsname::uname() {
             let uname = format!(
@@ -355,6 +358,18 @@ impl Recording {
                 u.machine().to_string_lossy()
             );
             push("uname".into(), Ok(uname.into_bytes()));
+        }
+        out
+    }
+
+    /// The files that grow while tracing; read after tracing stopped.
+    fn final_metadata(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in ["saved_cmdlines", "saved_tgids"] {
+            match self.tracefs.read(name) {
+                Ok(d) => out.push((name.to_string(), d)),
+                Err(e) => eprintln!("tvctl-agent: metadata {name}: {e}"),
+            }
         }
         out
     }

@@ -221,8 +221,11 @@ impl Agent {
                             started.cpus,
                             started.instance
                         ));
+                        let files = rec.static_metadata();
                         self.recording = Some(rec);
-                        self.send(&Message::Started(started));
+                        if self.send(&Message::Started(started)) {
+                            self.send_metadata(&files);
+                        }
                     }
                     Err(refusal) => {
                         log(&format!("refused: {}", refusal.text));
@@ -316,21 +319,29 @@ impl Agent {
             return;
         };
         let finished = rec.finish(reason);
-        for (name, data) in &finished.metadata {
+        if !self.send_metadata(&finished.metadata) {
+            return;
+        }
+        let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
+        log(&format!("stopped ({reason:?}); bytes per cpu {bytes:?}"));
+        self.send(&Message::Stopped(finished.stopped));
+    }
+
+    /// Sends files as Metadata chunks; false if the host stopped listening.
+    fn send_metadata(&mut self, files: &[(String, Vec<u8>)]) -> bool {
+        for (name, data) in files {
             match split_metadata(name, data) {
                 Ok(chunks) => {
                     for chunk in chunks {
                         if !self.send(&Message::Metadata(chunk)) {
-                            return;
+                            return false;
                         }
                     }
                 }
                 Err(e) => log(&format!("metadata {name} not sent: {e}")),
             }
         }
-        let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
-        log(&format!("stopped ({reason:?}); bytes per cpu {bytes:?}"));
-        self.send(&Message::Stopped(finished.stopped));
+        true
     }
 
     /// Ends the session; a running recording is stopped and cleaned up (reported if `report`).

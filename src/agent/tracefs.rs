@@ -84,7 +84,7 @@ impl Tracefs {
 
     pub fn read(&self, rel: &str) -> Result<Vec<u8>, TracefsError> {
         let path = self.root.join(rel);
-        fs::read(&path).map_err(io_err(&path))
+        read_whole(&path).map_err(io_err(&path))
     }
 
     /// All `system:event` pairs of this kernel.
@@ -109,7 +109,7 @@ impl Tracefs {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Ok(text) = fs::read(e.path().join("format")) {
+                if let Ok(text) = read_whole(&e.path().join("format")) {
                     out.push((name, text));
                 }
             }
@@ -147,6 +147,30 @@ impl Tracefs {
         let path = self.root.join("instances").join(name);
         let _ = fs::write(path.join("tracing_on"), "0");
         fs::remove_dir(&path).map_err(io_err(&path))
+    }
+}
+
+/// Reads a tracefs (or procfs) file whole. Some tracefs files (`events/header_page`,
+/// `header_event`) answer a short first read with those bytes and then end-of-file, and
+/// `std::fs::read` starts with a 32-byte probe on files that report size 0; so read in large
+/// chunks from the start.
+pub fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    const CHUNK: usize = 256 * 1024;
+    let mut f = fs::File::open(path)?;
+    let mut out = Vec::new();
+    loop {
+        let len = out.len();
+        out.resize(len + CHUNK, 0);
+        match f.read(&mut out[len..]) {
+            Ok(0) => {
+                out.truncate(len);
+                return Ok(out);
+            }
+            Ok(n) => out.truncate(len + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => out.truncate(len),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -331,7 +355,8 @@ impl Instance {
 
     fn read_string(&self, rel: &str) -> Result<String, TracefsError> {
         let path = self.path.join(rel);
-        fs::read_to_string(&path).map_err(io_err(&path))
+        let bytes = read_whole(&path).map_err(io_err(&path))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     pub fn set_tracing_on(&self, on: bool) -> Result<(), TracefsError> {
@@ -474,6 +499,18 @@ mod tests {
         let t = "[local] global counter uptime perf mono mono_raw boot x86-tsc\n";
         assert_eq!(parse_clock_list(t).len(), 9);
         assert_eq!(current_clock(t).as_deref(), Some("local"));
+    }
+
+    #[test]
+    fn read_whole_reads_header_page_completely_on_the_real_tracefs() {
+        let path = Path::new("/sys/kernel/tracing/events/header_page");
+        assert!(
+            path.exists(),
+            "this test needs tracefs at /sys/kernel/tracing: mount -t tracefs nodev /sys/kernel/tracing"
+        );
+        let text = String::from_utf8(read_whole(path).unwrap()).unwrap();
+        assert!(text.contains("field: u64 timestamp"), "{text}");
+        assert!(text.contains("field: char data"), "short read: {text}");
     }
 
     #[test]

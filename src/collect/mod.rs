@@ -4,5 +4,6 @@
 //! its own ([`stream::CpuStream`]): FIFOs have no readiness that crosses CPUs, a thread per
 //! CPU keeps each splice loop trivial, and guests have few vCPUs.
 
+pub mod progress; // the live display on a terminal; lost events counted from page headers
 pub mod recorder; // one recording: FIFO readers, control session, stop and drain
 pub mod stream; // one CPU: FIFO → marker search → splice to the data file, exact byte count

@@ -64,6 +64,7 @@ pub struct Recorder {
     /// A `Stopped` that arrived on its own (the guest command ended), with its metadata.
     early_stop: Option<(BTreeMap<String, Vec<u8>>, Stopped)>,
     assembler: MetadataAssembler,
+    page_size: u32,
 }
 
 /// A finished recording.
@@ -150,6 +151,7 @@ impl Recorder {
                 s.shared.cancel.store(true, Ordering::SeqCst);
             }
         }
+        let page_size = chan.hello.page_size;
         Ok(Recorder {
             chan,
             streams,
@@ -158,12 +160,35 @@ impl Recorder {
             cfg,
             early_stop: None,
             assembler: MetadataAssembler::new(),
+            page_size,
         })
+    }
+
+    /// The guest's page size, from its HelloReply.
+    pub fn started_page_size(&self) -> u32 {
+        self.page_size
     }
 
     /// Per-CPU readers (for progress).
     pub fn streams(&self) -> &[CpuStream] {
         &self.streams
+    }
+
+    /// Metadata files complete so far (the static batch arrives right after `Started`).
+    pub fn metadata_so_far(&self) -> &BTreeMap<String, Vec<u8>> {
+        match &self.early_stop {
+            Some((files, _)) => files,
+            None => self.assembler.files(),
+        }
+    }
+
+    /// Gives up on the agent (the domain died, or the user insisted): cancels every stream,
+    /// keeps what arrived, and returns the metadata received so far.
+    pub fn abandon_with_metadata(
+        self,
+    ) -> (BTreeMap<String, Vec<u8>>, Vec<(StreamOutcome, PathBuf)>) {
+        let files = self.metadata_so_far().clone();
+        (files, self.abandon())
     }
 
     /// Waits up to `timeout` for the agent to stop on its own (its command ended). True once

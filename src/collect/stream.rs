@@ -45,6 +45,10 @@ pub struct StreamShared {
     pub discarded: AtomicU64,
     /// Bytes beyond the agent's count that were cut off (an agent bug or a hostile guest).
     pub excess: AtomicU64,
+    /// Writing the data file failed; the stream is being drained and dropped.
+    pub failed: AtomicBool,
+    /// Bytes read and dropped after a failure.
+    pub dropped: AtomicU64,
 }
 
 impl Default for StreamShared {
@@ -56,6 +60,8 @@ impl Default for StreamShared {
             synced: AtomicBool::new(false),
             discarded: AtomicU64::new(0),
             excess: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
         }
     }
 }
@@ -117,7 +123,13 @@ impl CpuStream {
                 };
                 match run(cpu, &fifo_file, &out, nonce, &thread_shared) {
                     Ok(complete) => outcome.complete = complete,
-                    Err(e) => outcome.error = Some(e),
+                    Err(e) => {
+                        // Keep reading (and dropping) so the guest's writer never stalls
+                        // on a FIFO nobody reads, e.g. when the host's disk is full.
+                        thread_shared.failed.store(true, Ordering::SeqCst);
+                        discard_until_done(&fifo_file, &thread_shared);
+                        outcome.error = Some(e);
+                    }
                 }
                 outcome.received = thread_shared.received.load(Ordering::SeqCst);
                 outcome
@@ -211,6 +223,28 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
                 shared.received.fetch_add(n as u64, Ordering::SeqCst);
             }
             Pulled::WouldBlock | Pulled::Eof => wait_readable(fifo)?,
+        }
+    }
+}
+
+/// After a failure: reads and drops the rest of the stream (until the agent's count, or a
+/// cancel) so that the guest's pump can finish.
+fn discard_until_done(fifo: &File, shared: &StreamShared) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if shared.cancel.load(Ordering::SeqCst) {
+            return;
+        }
+        let seen = shared.received.load(Ordering::SeqCst) + shared.dropped.load(Ordering::SeqCst);
+        if shared.target().is_some_and(|t| seen >= t) {
+            return;
+        }
+        match read_some(fifo, &mut buf) {
+            Ok(Some(n)) => {
+                shared.dropped.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Ok(None) => {}
+            Err(_) => return,
         }
     }
 }
