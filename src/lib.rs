@@ -13,6 +13,7 @@
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
+//! - `exitcode` (host): every exit code of `tvctl`, defined once.
 
 pub mod agent;
 pub mod proto;
@@ -25,5 +26,7 @@ pub mod channels;
 pub mod collect;
 #[cfg(feature = "host")]
 pub mod domxml;
+#[cfg(feature = "host")]
+pub mod exitcode;
 #[cfg(feature = "host")]
 pub mod libvirt;
