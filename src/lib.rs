@@ -13,6 +13,7 @@
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
+//! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
 
 pub mod agent;
@@ -30,3 +31,5 @@ pub mod domxml;
 pub mod exitcode;
 #[cfg(feature = "host")]
 pub mod libvirt;
+#[cfg(feature = "host")]
+pub mod setup;
