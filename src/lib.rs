@@ -14,6 +14,7 @@
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
 //! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
+//! - `cli` (host): the command line (clap) and the human and JSON output.
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
 
 pub mod agent;
@@ -23,6 +24,8 @@ pub mod zerocopy;
 
 #[cfg(feature = "host")]
 pub mod channels;
+#[cfg(feature = "host")]
+pub mod cli;
 #[cfg(feature = "host")]
 pub mod collect;
 #[cfg(feature = "host")]
