@@ -29,8 +29,10 @@
 //!
 //! We never add a `<controller type='virtio-serial'>`: libvirt adds one (and more when a
 //! controller's ports run out) whenever a virtio channel needs a port, and it fills in each
-//! channel's `<address type='virtio-serial' .../>` at define time. Teardown leaves those
-//! controllers alone; other devices (qemu-ga's channel) may use them.
+//! channel's `<address type='virtio-serial' .../>` at define time. [`remove_ours`] leaves
+//! those controllers alone, as other devices (qemu-ga's channel) may use them; `tvctl
+//! teardown` removes only the ones that setup's define brought in, with
+//! [`remove_virtio_serial_controllers`].
 
 mod edit;
 mod layout;
@@ -304,6 +306,52 @@ pub fn remove_ours(xml: &str, dir: &str) -> Result<Edit, DomXmlError> {
     })
 }
 
+/// Indices of the `<controller type='virtio-serial'>` elements in `<devices>`, in document order.
+///
+/// libvirt adds such a controller at `define` time when a virtio channel needs a port and
+/// there is none; comparing the indices before and after tells setup which ones its channels
+/// brought in, so that teardown can take exactly those out again. A controller without a
+/// numeric `index` (libvirt always writes one) is left out.
+pub fn virtio_serial_controllers(xml: &str) -> Result<Vec<u32>, DomXmlError> {
+    let scan = scan::scan(xml)?;
+    let controllers = scan
+        .devices
+        .iter()
+        .flat_map(|d| &d.virtio_serial_controllers);
+    Ok(controllers
+        .filter_map(|c| c.index.as_deref()?.trim().parse().ok())
+        .collect())
+}
+
+/// Removes the virtio-serial controllers whose index is in `indices`, each with its lines,
+/// and returns the new XML with the indices actually removed. Everything else stays byte for
+/// byte; indices not present are ignored.
+pub fn remove_virtio_serial_controllers(
+    xml: &str,
+    indices: &[u32],
+) -> Result<(String, Vec<u32>), DomXmlError> {
+    let scan = scan::scan(xml)?;
+    let mut doomed: Vec<(u32, Range<usize>)> = scan
+        .devices
+        .iter()
+        .flat_map(|d| &d.virtio_serial_controllers)
+        .filter_map(|c| {
+            let index = c.index.as_deref()?.trim().parse().ok()?;
+            indices.contains(&index).then(|| (index, c.span.clone()))
+        })
+        .collect();
+    // From the end backwards, so the spans still to cut keep their offsets.
+    doomed.sort_by_key(|(_, span)| std::cmp::Reverse(span.start));
+    let mut text = xml.to_owned();
+    for (_, span) in &doomed {
+        let range = layout::removal_range(&text, span.clone());
+        text.replace_range(range, "");
+    }
+    let mut removed: Vec<u32> = doomed.into_iter().map(|(index, _)| index).collect();
+    removed.sort_unstable();
+    Ok((text, removed))
+}
+
 /// A unified diff of two XML texts, `a/LABEL` against `b/LABEL`; empty when they are equal.
 pub fn unified_diff(old: &str, new: &str, label: &str) -> String {
     if old == new {
@@ -421,6 +469,24 @@ mod tests {
             );
             check_ownership(&ours, dir, Strictness::Setup).unwrap();
         }
+    }
+
+    #[test]
+    fn virtio_serial_controllers_are_found_and_removed_with_their_lines() {
+        let xml = "<domain>\n  <devices>\n    <controller type='usb' index='0'/>\n    \
+            <controller type='virtio-serial' index='0'>\n      <address type='pci'/>\n    \
+            </controller>\n    <controller type='virtio-serial' index='1'/>\n  </devices>\n</domain>\n";
+
+        assert_eq!(virtio_serial_controllers(xml).unwrap(), vec![0, 1]);
+        let (text, removed) = remove_virtio_serial_controllers(xml, &[0, 7]).unwrap();
+
+        assert_eq!(removed, vec![0]);
+        assert_eq!(
+            text,
+            "<domain>\n  <devices>\n    <controller type='usb' index='0'/>\n    \
+             <controller type='virtio-serial' index='1'/>\n  </devices>\n</domain>\n"
+        );
+        assert_eq!(virtio_serial_controllers(&text).unwrap(), vec![1]);
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //! - `control` (host): the host end of the control channel: connect, handshake, deadlines.
 //! - `trace` (host): `tvctl trace`: boot, record, write trace.dat, summarise.
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
+//! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
+//! - `cli` (host): the command line (clap) and the human and JSON output.
+//! - `exitcode` (host): every exit code of `tvctl`, defined once.
 
 pub mod agent;
 pub mod proto;
@@ -24,12 +27,18 @@ pub mod zerocopy;
 #[cfg(feature = "host")]
 pub mod channels;
 #[cfg(feature = "host")]
+pub mod cli;
+#[cfg(feature = "host")]
 pub mod collect;
 #[cfg(feature = "host")]
 pub mod control;
 #[cfg(feature = "host")]
 pub mod domxml;
 #[cfg(feature = "host")]
+pub mod exitcode;
+#[cfg(feature = "host")]
 pub mod libvirt;
+#[cfg(feature = "host")]
+pub mod setup;
 #[cfg(feature = "host")]
 pub mod trace;

@@ -103,6 +103,8 @@ pub fn effective_uri(flag: Option<&str>) -> String {
 impl Hypervisor {
     /// Opens a read-write connection to `uri`.
     pub fn connect(uri: &str) -> Result<Hypervisor, LibvirtError> {
+        // libvirt's default handler prints every error to stderr; ours carry them instead.
+        virt::error::clear_error_callback();
         match Connect::open(Some(uri)) {
             Ok(conn) => Ok(Hypervisor {
                 conn,
@@ -117,7 +119,11 @@ impl Hypervisor {
                             | ErrorNumber::OperationDenied
                             | ErrorNumber::AuthCancelled
                     )
-                ) || message.contains("Permission denied");
+                ) || message.contains("Permission denied")
+                    // Without root, polkit refuses in many ways (no D-Bus, no agent); only
+                    // a failed socket connection means that the daemon is down.
+                    || (!nix::unistd::geteuid().is_root()
+                        && !message.contains("Failed to connect socket"));
                 if denied {
                     Err(LibvirtError::PermissionDenied {
                         uri: uri.to_string(),
@@ -270,6 +276,14 @@ impl Dom {
     pub fn is_active(&self) -> Result<bool, LibvirtError> {
         self.dom
             .is_active()
+            .map_err(|e| LibvirtError::other("read domain state", e))
+    }
+
+    /// Whether the domain has a persistent configuration (a transient one exists only while
+    /// it runs, and `define` would make it persistent).
+    pub fn is_persistent(&self) -> Result<bool, LibvirtError> {
+        self.dom
+            .is_persistent()
             .map_err(|e| LibvirtError::other("read domain state", e))
     }
 

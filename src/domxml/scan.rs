@@ -1,8 +1,8 @@
 //! One pass of quick-xml over a domain XML that records where the parts we read or edit sit.
 //!
-//! Only `/domain`, `/domain/vcpu`, `/domain/devices` and `/domain/devices/channel` (with its
-//! `<source>` and `<target>`) are looked at; every other element is only checked for being
-//! well-formed. Spans are byte ranges into the scanned string, so edits can splice text
+//! Only `/domain`, `/domain/vcpu`, `/domain/devices`, `/domain/devices/channel` (with its
+//! `<source>` and `<target>`) and `/domain/devices/controller[@type='virtio-serial']` are
+//! looked at; every other element is only checked for being well-formed. Spans are byte ranges into the scanned string, so edits can splice text
 //! without re-serialising anything.
 
 use std::ops::Range;
@@ -41,12 +41,20 @@ pub(super) struct RawChannel {
     pub target_name: Option<String>,
 }
 
+/// A `<controller type='virtio-serial'>` directly under `<devices>`.
+#[derive(Debug, Clone)]
+pub(super) struct RawController {
+    pub span: Range<usize>,
+    pub index: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct Devices {
     pub tags: Tags,
     /// Start offsets of the element children, in document order.
     pub children: Vec<usize>,
     pub channels: Vec<RawChannel>,
+    pub virtio_serial_controllers: Vec<RawController>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +79,7 @@ enum Role {
     Vcpu,
     Devices,
     Channel,
+    VirtioSerialController,
     Other,
 }
 
@@ -236,6 +245,7 @@ fn open_element(
                         },
                         children: Vec::new(),
                         channels: Vec::new(),
+                        virtio_serial_controllers: Vec::new(),
                     });
                     Role::Devices
                 }
@@ -253,6 +263,14 @@ fn open_element(
                     ..RawChannel::default()
                 });
                 Role::Channel
+            } else if name == b"controller" && attr(b"type")?.as_deref() == Some("virtio-serial") {
+                if let Some(devices) = sinks.devices.as_mut() {
+                    devices.virtio_serial_controllers.push(RawController {
+                        span: span.clone(),
+                        index: attr(b"index")?,
+                    });
+                }
+                Role::VirtioSerialController
             } else {
                 Role::Other
             }
@@ -276,7 +294,7 @@ fn open_element(
             }
             Role::Other
         }
-        Some(Role::Vcpu | Role::Other) => Role::Other,
+        Some(Role::Vcpu | Role::VirtioSerialController | Role::Other) => Role::Other,
     };
     Ok(role)
 }
@@ -302,6 +320,15 @@ fn close_element(
             if let (Some(mut done), Some(devices)) = (channel.take(), devices.as_mut()) {
                 done.span = tags.span();
                 devices.channels.push(done);
+            }
+        }
+        Role::VirtioSerialController => {
+            // Controllers do not nest, so the last one recorded is the one closing.
+            let last = devices
+                .as_mut()
+                .and_then(|devices| devices.virtio_serial_controllers.last_mut());
+            if let Some(controller) = last {
+                controller.span = tags.span();
             }
         }
         Role::Vcpu | Role::Other => {}

@@ -1,0 +1,409 @@
+//! The `tvctl` command line: clap definitions, their validation into a [`GlobalConfig`], the
+//! dispatch to [`crate::setup`], and the output for people (concise) or scripts (`--json`,
+//! schema in docs/json.md). Errors come back as `anyhow` chains; [`exit_code_of`] finds the
+//! typed error in a chain and maps it to its documented [`ExitCode`].
+//!
+//! Subcommands share [`GlobalArgs`], so a new one (such as `trace`) only adds its own
+//! arguments struct, a [`Command`] variant and an arm in [`run`].
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::channels::FileError;
+use crate::domxml::DomXmlError;
+use crate::exitcode::ExitCode;
+use crate::libvirt::{self, Hypervisor, LibvirtError};
+use crate::setup::{
+    self, ChangeReport, DomainStatus, SetupError, SetupOptions, StatusReport, TeardownOptions,
+};
+
+/// Where the per-domain folders live unless `--dir` says otherwise. Under /var/lib, not
+/// /tmp: the folders and FIFOs must survive a host reboot, as the domain XML names them.
+pub const DEFAULT_DIR: &str = "/var/lib/tvctl";
+
+/// Record ftrace data of libvirt/QEMU guests from the host over virtio-serial.
+#[derive(Debug, Parser)]
+#[command(name = "tvctl", version, after_help = crate::exitcode::help_table())]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// libvirt URI [default: $LIBVIRT_DEFAULT_URI, else qemu:///system]
+    #[arg(short = 'c', long = "connect", value_name = "URI", global = true)]
+    pub connect: Option<String>,
+    /// Root of the per-domain folders
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_DIR, global = true)]
+    pub dir: PathBuf,
+    /// Machine-readable output on stdout (schema: docs/json.md)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More output: the XML diff and every file
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less output: errors only
+    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add tvctl's channels to a domain and create their FIFOs (idempotent)
+    Setup(SetupArgs),
+    /// Remove exactly what setup added: channels, FIFOs, folder
+    Teardown(TeardownArgs),
+    /// Show whether domains are set up, and what is wrong if not
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    /// Domain name, UUID or id
+    pub domain: String,
+    /// Print the XML diff and the files it would create; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also hot-plug the channels into the running domain
+    #[arg(long)]
+    pub live: bool,
+    /// Group of the folder and FIFOs [default: QEMU's, from libvirt's DAC label]
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TeardownArgs {
+    /// Domain name, UUID or id
+    pub domain: String,
+    /// Print the XML diff and the files it would remove; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Domain name, UUID or id [default: every set-up domain]
+    pub domain: Option<String>,
+}
+
+/// How much to print for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Verbose,
+}
+
+/// The global options, checked.
+#[derive(Debug, Clone)]
+pub struct GlobalConfig {
+    pub uri: String,
+    /// Absolute: QEMU would resolve a relative path against its own working directory.
+    pub dir: PathBuf,
+    pub json: bool,
+    pub verbosity: Verbosity,
+}
+
+/// A command-line value that parsed but makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl GlobalArgs {
+    pub fn validate(&self) -> Result<GlobalConfig, UsageError> {
+        let dir = std::path::absolute(&self.dir).map_err(|e| {
+            UsageError(format!(
+                "--dir {}: cannot make it absolute ({e}): pass an absolute path",
+                self.dir.display()
+            ))
+        })?;
+        let verbosity = match (self.quiet, self.verbose) {
+            (q, _) if q > 0 => Verbosity::Quiet,
+            (_, v) if v > 0 => Verbosity::Verbose,
+            _ => Verbosity::Normal,
+        };
+        Ok(GlobalConfig {
+            uri: libvirt::effective_uri(self.connect.as_deref()),
+            dir,
+            json: self.json,
+            verbosity,
+        })
+    }
+}
+
+/// Runs the command; the exit code is not `Ok` when `status` finds problems.
+pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = cli.global.validate()?;
+    match &cli.command {
+        Command::Setup(args) => {
+            if !args.dry_run {
+                setup::require_root("setup")?;
+            }
+            let hv = connect(&config)?;
+            let options = SetupOptions {
+                dry_run: args.dry_run,
+                live: args.live,
+                group: args.group.clone(),
+            };
+            let report = setup::setup(&hv, &config.dir, &args.domain, &options)?;
+            emit(&config, &report, print_change)?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Teardown(args) => {
+            if !args.dry_run {
+                setup::require_root("teardown")?;
+            }
+            let hv = connect(&config)?;
+            let options = TeardownOptions {
+                dry_run: args.dry_run,
+            };
+            let report = setup::teardown(&hv, &config.dir, &args.domain, &options)?;
+            emit(&config, &report, print_change)?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Status(args) => {
+            let hv = connect(&config)?;
+            let report = setup::status(&hv, &config.dir, args.domain.as_deref())?;
+            emit(&config, &report, print_status)?;
+            Ok(report.exit_code())
+        }
+    }
+}
+
+fn connect(config: &GlobalConfig) -> Result<Hypervisor, LibvirtError> {
+    Hypervisor::connect(&config.uri)
+}
+
+/// Prints `report` as JSON or, unless quiet, for people.
+fn emit<T: serde::Serialize>(
+    config: &GlobalConfig,
+    report: &T,
+    human: fn(&T, Verbosity) -> String,
+) -> anyhow::Result<()> {
+    let text = if config.json {
+        let mut json = serde_json::to_string_pretty(report).context("encode the JSON report")?;
+        json.push('\n');
+        json
+    } else if config.verbosity == Verbosity::Quiet {
+        return Ok(());
+    } else {
+        human(report, config.verbosity)
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        // A closed pipe (`tvctl status | head`) is the reader's choice, not an error.
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(err).context("write to standard output")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The exit code for an error chain: that of the first typed error in it.
+pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<SetupError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<LibvirtError>() {
+            return setup::libvirt_exit_code(e);
+        }
+        if let Some(e) = cause.downcast_ref::<FileError>() {
+            return e.exit_code();
+        }
+        if cause.downcast_ref::<DomXmlError>().is_some() {
+            return ExitCode::DomainXmlConflict;
+        }
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return ExitCode::Usage;
+        }
+    }
+    ExitCode::Internal
+}
+
+/// `error: ...` and one `caused by:` line per cause, for stderr.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = format!("error: {err}\n");
+    for cause in err.chain().skip(1) {
+        text.push_str(&format!("  caused by: {cause}\n"));
+    }
+    text
+}
+
+/// Setup's or teardown's report for people.
+pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    let setup = report.command == "setup";
+    let would = if report.dry_run { "would " } else { "" };
+    if report.dry_run || verbosity == Verbosity::Verbose {
+        if !report.xml_diff.is_empty() {
+            line(report.xml_diff.trim_end().to_owned());
+        }
+        for path in &report.files.created {
+            line(format!("{would}create {path}"));
+        }
+        for path in &report.files.removed {
+            line(format!("{would}remove {path}"));
+        }
+    }
+    if !report.changed {
+        let vcpus = report.vcpus.unwrap_or_default();
+        line(format!(
+            "{} is already set up for {vcpus} vCPUs in {}: nothing changed",
+            report.domain, report.folder
+        ));
+        return out;
+    }
+    // "would add" in a dry run, "added" otherwise.
+    let did = |verb: &str, past: &str| {
+        if report.dry_run {
+            format!("would {verb}")
+        } else {
+            past.to_owned()
+        }
+    };
+    let mut parts = Vec::new();
+    let ch = &report.channels;
+    if !ch.added.is_empty() {
+        parts.push(format!(
+            "{} channels {}",
+            did("add", "added"),
+            ch.added.join(", ")
+        ));
+    }
+    if !ch.removed.is_empty() {
+        parts.push(format!(
+            "{} channels {}",
+            did("remove", "removed"),
+            ch.removed.join(", ")
+        ));
+    }
+    if !report.controllers.is_empty() {
+        let list = join_numbers(&report.controllers);
+        parts.push(if setup {
+            format!("libvirt added virtio-serial controller {list}")
+        } else {
+            format!(
+                "{} virtio-serial controller {list}",
+                did("remove", "removed")
+            )
+        });
+    }
+    let files = &report.files;
+    if !files.created.is_empty() {
+        parts.push(format!(
+            "{} {} files",
+            did("create", "created"),
+            files.created.len()
+        ));
+    }
+    if !files.removed.is_empty() {
+        parts.push(format!(
+            "{} {} files",
+            did("remove", "removed"),
+            files.removed.len()
+        ));
+    }
+    if !report.live.attached.is_empty() {
+        let names = report.live.attached.join(", ");
+        parts.push(format!(
+            "{} {names} into the running domain",
+            did("hot-plug", "hot-plugged")
+        ));
+    }
+    if !report.live.detached.is_empty() {
+        let names = report.live.detached.join(", ");
+        parts.push(format!(
+            "{} {names} from the running domain",
+            did("hot-unplug", "hot-unplugged")
+        ));
+    }
+    let group = report
+        .group
+        .as_ref()
+        .map_or(String::new(), |g| format!(", group {}", g.name));
+    line(format!(
+        "{} {} ({}{group}): {}",
+        report.command,
+        report.domain,
+        report.folder,
+        parts.join("; ")
+    ));
+    if report.restart_needed {
+        line(format!(
+            "{} is {}: the change {} effect at its next boot (setup --live hot-plugs the channels now)",
+            report.domain,
+            report.state.replace('_', " "),
+            if report.dry_run { "would take" } else { "takes" }
+        ));
+    }
+    if report.dry_run {
+        line("dry run: nothing changed".to_owned());
+    }
+    out
+}
+
+/// Status's report for people.
+pub fn print_status(report: &StatusReport, _verbosity: Verbosity) -> String {
+    if report.domains.is_empty() {
+        return "no domain is set up\n".to_owned();
+    }
+    report.domains.iter().map(print_domain_status).collect()
+}
+
+fn print_domain_status(d: &DomainStatus) -> String {
+    let verdict = if d.ok {
+        "set up"
+    } else if d.set_up {
+        "set up, with problems"
+    } else {
+        "not set up"
+    };
+    let vcpus = d.vcpus.map_or("?".to_owned(), |v| v.to_string());
+    let control = if d.channels.control { 1 } else { 0 };
+    let live = d
+        .live_channels
+        .map_or(String::new(), |n| format!(", {n} in the running domain"));
+    let folder = match &d.files.group {
+        Some(group) if d.files.folder => format!(
+            "{}, group {}, FIFOs {}/{} ok",
+            d.folder, group.name, d.files.fifos_ok, d.files.fifos_expected
+        ),
+        _ => format!("{} missing", d.folder),
+    };
+    let socket = if d.control_socket {
+        "present"
+    } else {
+        "absent"
+    };
+    let mut out = format!(
+        "{} ({}): {verdict}\n  {vcpus} vCPUs; channels: {control} control + {} vCPU{live}\n  folder {folder}; control socket {socket}\n",
+        d.domain,
+        d.state.replace('_', " "),
+        d.channels.cpus,
+    );
+    for problem in &d.problems {
+        out.push_str(&format!("  problem: {}\n", problem.message));
+    }
+    out
+}
+
+fn join_numbers(numbers: &[u32]) -> String {
+    let text: Vec<String> = numbers.iter().map(u32::to_string).collect();
+    text.join(", ")
+}

@@ -1,0 +1,162 @@
+//! tvctl's exit codes, defined once: `main` returns them, `tvctl --help` prints the table from
+//! [`help_table`], and README.md lists the same rows (a test keeps the two in step). Scripts
+//! and CI depend on these numbers: never renumber a code, only add new ones.
+//!
+//! | code | name | meaning |
+//! | ---: | --- | --- |
+//! | 0 | `Ok` | success |
+//! | 1 | `Internal` | internal or unexpected error |
+//! | 2 | `Usage` | bad command line or option value |
+//! | 3 | `LibvirtUnreachable` | libvirtd not reachable at the URI |
+//! | 4 | `PermissionDenied` | not root, or permission denied |
+//! | 5 | `DomainNotFound` | no domain with that name, UUID or id |
+//! | 6 | `DomainXmlConflict` | the domain's XML conflicts with tvctl's channels |
+//! | 7 | `HostFileConflict` | a host file or folder is in the way or unusable |
+//! | 8 | `NotSetUp` | the domain is not (completely) set up |
+//! | 9 | `AgentTimeout` | the guest agent did not answer in time |
+//! | 10 | `DomainStopped` | the domain stopped during a recording |
+//! | 11 | `OutputNotWritable` | the output could not be written (disk full, ...) |
+//! | 130 | `Interrupted` | interrupted (SIGINT) |
+
+use std::fmt::Write as _;
+
+/// Every way tvctl can end, with the number the shell sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ExitCode {
+    Ok = 0,
+    Internal = 1,
+    /// clap uses 2 for its own usage errors; ours match.
+    Usage = 2,
+    LibvirtUnreachable = 3,
+    PermissionDenied = 4,
+    DomainNotFound = 5,
+    DomainXmlConflict = 6,
+    HostFileConflict = 7,
+    NotSetUp = 8,
+    AgentTimeout = 9,
+    DomainStopped = 10,
+    OutputNotWritable = 11,
+    /// 128 + SIGINT, as shells report a process killed by Ctrl-C.
+    Interrupted = 130,
+}
+
+impl ExitCode {
+    /// All codes in numeric order: the rows of the table.
+    pub const ALL: [ExitCode; 13] = [
+        ExitCode::Ok,
+        ExitCode::Internal,
+        ExitCode::Usage,
+        ExitCode::LibvirtUnreachable,
+        ExitCode::PermissionDenied,
+        ExitCode::DomainNotFound,
+        ExitCode::DomainXmlConflict,
+        ExitCode::HostFileConflict,
+        ExitCode::NotSetUp,
+        ExitCode::AgentTimeout,
+        ExitCode::DomainStopped,
+        ExitCode::OutputNotWritable,
+        ExitCode::Interrupted,
+    ];
+
+    /// The number the process exits with.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// One line on when tvctl exits with this code.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ExitCode::Ok => "success",
+            ExitCode::Internal => "internal or unexpected error",
+            ExitCode::Usage => "bad command line or option value",
+            ExitCode::LibvirtUnreachable => "libvirtd is not reachable at the URI",
+            ExitCode::PermissionDenied => "not root, or permission denied",
+            ExitCode::DomainNotFound => "no domain with that name, UUID or id",
+            ExitCode::DomainXmlConflict => {
+                "domain XML conflict: a foreign channel uses our names, a channel of ours has another path, or the domain cannot take the change"
+            }
+            ExitCode::HostFileConflict => {
+                "host file conflict: a path that is not a FIFO, wrong modes or owner, or a --dir without FIFO support"
+            }
+            ExitCode::NotSetUp => "the domain is not (completely) set up: run `tvctl setup`",
+            ExitCode::AgentTimeout => "trace: the guest agent did not answer in time",
+            ExitCode::DomainStopped => "trace: the domain stopped during the recording",
+            ExitCode::OutputNotWritable => "trace: the output is not writable or the disk is full",
+            ExitCode::Interrupted => "interrupted (Ctrl-C)",
+        }
+    }
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(code: ExitCode) -> Self {
+        std::process::ExitCode::from(code.code())
+    }
+}
+
+/// The table shown after `tvctl --help`.
+pub fn help_table() -> String {
+    let mut table = String::from("Exit codes:\n");
+    for code in ExitCode::ALL {
+        // Writing to a String cannot fail.
+        let _ = writeln!(table, "  {:>3}  {}", code.code(), code.meaning());
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_in_order() {
+        let codes: Vec<u8> = ExitCode::ALL.iter().map(|c| c.code()).collect();
+        let mut sorted = codes.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(codes, sorted);
+    }
+
+    #[test]
+    fn numbers_scripts_depend_on_do_not_move() {
+        assert_eq!(ExitCode::Usage.code(), 2);
+        assert_eq!(ExitCode::LibvirtUnreachable.code(), 3);
+        assert_eq!(ExitCode::PermissionDenied.code(), 4);
+        assert_eq!(ExitCode::DomainNotFound.code(), 5);
+        assert_eq!(ExitCode::DomainXmlConflict.code(), 6);
+        assert_eq!(ExitCode::HostFileConflict.code(), 7);
+        assert_eq!(ExitCode::NotSetUp.code(), 8);
+        assert_eq!(ExitCode::AgentTimeout.code(), 9);
+        assert_eq!(ExitCode::DomainStopped.code(), 10);
+        assert_eq!(ExitCode::OutputNotWritable.code(), 11);
+        assert_eq!(ExitCode::Interrupted.code(), 130);
+    }
+
+    #[test]
+    fn help_table_has_a_row_per_code() {
+        let table = help_table();
+        for code in ExitCode::ALL {
+            let row = format!("{:>3}  {}", code.code(), code.meaning());
+            assert!(table.contains(&row), "{row:?} missing in\n{table}");
+        }
+    }
+
+    #[test]
+    fn module_doc_table_matches_the_enum() {
+        let source = include_str!("exitcode.rs");
+        for code in ExitCode::ALL {
+            let row = format!("//! | {} | `{:?}` |", code.code(), code);
+            assert!(source.contains(&row), "module doc lacks {row:?}");
+        }
+    }
+
+    #[test]
+    fn readme_lists_every_exit_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        for code in ExitCode::ALL {
+            let row = format!("| {} | {} |", code.code(), code.meaning());
+            assert!(readme.contains(&row), "README.md lacks the row {row:?}");
+        }
+    }
+}

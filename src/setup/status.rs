@@ -1,0 +1,167 @@
+//! `tvctl status`: how each domain stands against what setup would make of it, without
+//! changing anything. Needs no root, only read access to libvirt.
+
+use std::path::Path;
+
+use super::report::{
+    state_name, ChannelStatus, DomainStatus, FilesStatus, GroupReport, Problem, ProblemKind,
+    StatusReport,
+};
+use super::SetupError;
+use crate::channels::{DomainFolder, FileProblem};
+use crate::domxml::{self, ChannelKind, ChannelPlan};
+use crate::exitcode::ExitCode;
+use crate::libvirt::{Dom, Hypervisor};
+
+/// The status of domain `spec` (name, UUID or id), or of every domain that has tvctl's
+/// channels or folder when `spec` is `None`.
+pub fn status(
+    hv: &Hypervisor,
+    root: &Path,
+    spec: Option<&str>,
+) -> Result<StatusReport, SetupError> {
+    let qemu = hv.qemu_dac_label()?;
+    let mut domains = Vec::new();
+    match spec {
+        Some(spec) => domains.push(domain_status(&hv.lookup(spec)?, root, qemu)?),
+        None => {
+            for name in hv.domain_names()? {
+                // A domain may vanish between listing and lookup; it is then not ours to show.
+                let Ok(dom) = hv.lookup(&name) else { continue };
+                let status = domain_status(&dom, root, qemu)?;
+                if status.set_up || status.files.folder {
+                    domains.push(status);
+                }
+            }
+        }
+    }
+    Ok(StatusReport {
+        command: "status",
+        domains,
+    })
+}
+
+impl StatusReport {
+    /// 0 when every domain shown is fully set up; else the code of the gravest problem class
+    /// (XML conflict 6, host file 7, not set up 8).
+    pub fn exit_code(&self) -> ExitCode {
+        let worst = self
+            .domains
+            .iter()
+            .flat_map(|d| &d.problems)
+            .map(|p| p.kind)
+            .min();
+        match worst {
+            None => ExitCode::Ok,
+            Some(ProblemKind::XmlConflict) => ExitCode::DomainXmlConflict,
+            Some(ProblemKind::HostFile) => ExitCode::HostFileConflict,
+            Some(ProblemKind::NotSetUp) => ExitCode::NotSetUp,
+        }
+    }
+}
+
+fn domain_status(
+    dom: &Dom,
+    root: &Path,
+    qemu: Option<(u32, u32)>,
+) -> Result<DomainStatus, SetupError> {
+    let name = dom.name();
+    let folder = DomainFolder::new(root, &name)?;
+    let dir = folder.path().display().to_string();
+    let state = dom.state()?;
+    let xml = dom.inactive_xml()?;
+    let mut problems = Vec::new();
+    let mut problem = |kind, message: String| problems.push(Problem { kind, message });
+
+    let ours = domxml::our_channels(&xml).unwrap_or_default();
+    let mut channels = ChannelStatus {
+        control: ours.iter().any(|ch| ch.kind == ChannelKind::Control),
+        cpus: count(ours.iter().filter(|ch| ch.kind != ChannelKind::Control)),
+        ..ChannelStatus::default()
+    };
+    let set_up = !ours.is_empty();
+    let vcpus = match domxml::vcpus(&xml) {
+        Ok(count) => Some(count.max),
+        Err(err) => {
+            problem(ProblemKind::XmlConflict, err.to_string());
+            None
+        }
+    };
+    if let Some(vcpus) = vcpus {
+        let plan = ChannelPlan {
+            dir: dir.clone(),
+            vcpus,
+        };
+        match domxml::apply_plan(&xml, &plan) {
+            Ok(_) if !set_up => problem(
+                ProblemKind::NotSetUp,
+                format!("domain '{name}' is not set up: run `tvctl setup {name}`"),
+            ),
+            Ok(edit) if edit.changed => {
+                channels.missing = edit.added;
+                channels.extra = edit.removed;
+                problem(
+                    ProblemKind::NotSetUp,
+                    format!(
+                        "the channels do not match the domain's {vcpus} vCPUs (missing: {}; extra: {}): run `tvctl setup {name}`",
+                        list_or_none(&channels.missing),
+                        list_or_none(&channels.extra)
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(err) => problem(ProblemKind::XmlConflict, err.to_string()),
+        }
+    }
+
+    let inspected = folder.inspect(vcpus.unwrap_or(0), qemu);
+    if set_up && !inspected.exists {
+        problem(
+            ProblemKind::NotSetUp,
+            format!("the folder {dir} is missing: run `tvctl setup {name}`"),
+        );
+    }
+    for file_problem in &inspected.problems {
+        match file_problem {
+            FileProblem::Missing(message) => problem(ProblemKind::NotSetUp, message.clone()),
+            FileProblem::Wrong(message) => problem(ProblemKind::HostFile, message.clone()),
+        }
+    }
+    let live_channels = if state.is_active() {
+        let live = domxml::our_channels(&dom.live_xml()?).unwrap_or_default();
+        Some(count(live.iter()))
+    } else {
+        None
+    };
+    Ok(DomainStatus {
+        domain: name,
+        uuid: dom.uuid(),
+        state: state_name(state),
+        folder: dir,
+        set_up,
+        ok: problems.is_empty(),
+        vcpus,
+        channels,
+        live_channels,
+        files: FilesStatus {
+            folder: inspected.exists,
+            group: inspected.gid.map(GroupReport::of),
+            fifos_expected: inspected.fifos_expected,
+            fifos_ok: inspected.fifos_ok,
+        },
+        control_socket: inspected.socket,
+        problems,
+    })
+}
+
+fn count<T>(items: impl Iterator<Item = T>) -> u32 {
+    u32::try_from(items.count()).unwrap_or(u32::MAX)
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
