@@ -62,6 +62,81 @@ pub enum Command {
     Teardown(TeardownArgs),
     /// Show whether domains are set up, and what is wrong if not
     Status(StatusArgs),
+    /// Record guest events into a trace.dat (boots the domain if it is off)
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// Domain name, UUID or id
+    pub domain: String,
+    /// Events to record, in trace-cmd's forms: sched, sched:sched_switch, sched_switch, 'sched*', 'irq:*'
+    #[arg(short = 'e', long = "event", value_name = "EVENT", required = true)]
+    pub events: Vec<String>,
+    /// Output file [default: trace-<domain>.dat]
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Stop after this many seconds (else on Ctrl-C, the command's end, or the domain stopping)
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Per-CPU ring buffer size in the guest, in KiB [default: the guest kernel's]
+    #[arg(short = 'b', long = "buffer-kb", value_name = "KB")]
+    pub buffer_kb: Option<u32>,
+    /// Trace clock in the guest (local, global, mono, x86-tsc, ...) [default: the guest's]
+    #[arg(short = 'C', long = "clock", value_name = "CLOCK")]
+    pub clock: Option<String>,
+    /// Do not boot the domain if it is off (fail instead)
+    #[arg(long)]
+    pub no_boot: bool,
+    /// Run `tvctl setup` first (needed once per domain)
+    #[arg(long)]
+    pub setup: bool,
+    /// Seconds to wait for the guest agent (boot included)
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub agent_timeout: f64,
+    /// Command to run in the guest while tracing; its end stops the trace
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+impl TraceArgs {
+    fn validate(&self) -> Result<crate::trace::TraceOptions, UsageError> {
+        let secs = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(UsageError(format!(
+                    "{what} {v}: give a positive number of seconds"
+                )))
+            }
+        };
+        if self.buffer_kb == Some(0) {
+            return Err(UsageError(
+                "-b 0: give the per-CPU buffer size in KiB, e.g. -b 4096".into(),
+            ));
+        }
+        if self.events.iter().any(|e| e.trim().is_empty()) {
+            return Err(UsageError(
+                "-e '': name an event, e.g. -e sched:sched_switch".into(),
+            ));
+        }
+        let output = self
+            .output
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("trace-{}.dat", self.domain)));
+        Ok(crate::trace::TraceOptions {
+            domain_dir: PathBuf::new(),
+            output,
+            events: self.events.clone(),
+            duration: self.duration.map(|d| secs("--duration", d)).transpose()?,
+            buffer_kb: self.buffer_kb,
+            clock: self.clock.clone(),
+            command: self.command.clone(),
+            boot: !self.no_boot,
+            agent_timeout: secs("--agent-timeout", self.agent_timeout)?,
+            progress: true,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -175,6 +250,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             emit(&config, &report, print_status)?;
             Ok(report.exit_code())
         }
+        Command::Trace(args) => {
+            let mut options = args.validate()?;
+            let hv = connect(&config)?;
+            let dom = hv.lookup(&args.domain)?;
+            options.domain_dir = crate::trace::prepare(&hv, &config.dir, &dom, args.setup)?;
+            options.progress = !config.json && config.verbosity != Verbosity::Quiet;
+            let outcome = crate::trace::run(&dom, &options)?;
+            emit(&config, &outcome.summary, |s, _| s.to_text())?;
+            Ok(outcome.exit_code())
+        }
     }
 }
 
@@ -224,6 +309,9 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
         }
         if cause.downcast_ref::<DomXmlError>().is_some() {
             return ExitCode::DomainXmlConflict;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::trace::TraceError>() {
+            return e.exit_code();
         }
         if cause.downcast_ref::<UsageError>().is_some() {
             return ExitCode::Usage;

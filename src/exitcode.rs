@@ -16,7 +16,8 @@
 //! | 9 | `AgentTimeout` | the guest agent did not answer in time |
 //! | 10 | `DomainStopped` | the domain stopped during a recording |
 //! | 11 | `OutputNotWritable` | the output could not be written (disk full, ...) |
-//! | 130 | `Interrupted` | interrupted (SIGINT) |
+//! | 12 | `AgentRefused` | the guest agent refused the request (unknown event or clock, bad size) |
+//! | 130 | `Interrupted` | trace: Ctrl-C twice; the file holds what had arrived |
 
 use std::fmt::Write as _;
 
@@ -37,13 +38,14 @@ pub enum ExitCode {
     AgentTimeout = 9,
     DomainStopped = 10,
     OutputNotWritable = 11,
+    AgentRefused = 12,
     /// 128 + SIGINT, as shells report a process killed by Ctrl-C.
     Interrupted = 130,
 }
 
 impl ExitCode {
     /// All codes in numeric order: the rows of the table.
-    pub const ALL: [ExitCode; 13] = [
+    pub const ALL: [ExitCode; 14] = [
         ExitCode::Ok,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -56,6 +58,7 @@ impl ExitCode {
         ExitCode::AgentTimeout,
         ExitCode::DomainStopped,
         ExitCode::OutputNotWritable,
+        ExitCode::AgentRefused,
         ExitCode::Interrupted,
     ];
 
@@ -83,7 +86,12 @@ impl ExitCode {
             ExitCode::AgentTimeout => "trace: the guest agent did not answer in time",
             ExitCode::DomainStopped => "trace: the domain stopped during the recording",
             ExitCode::OutputNotWritable => "trace: the output is not writable or the disk is full",
-            ExitCode::Interrupted => "interrupted (Ctrl-C)",
+            ExitCode::AgentRefused => {
+                "trace: the guest agent refused the request (unknown event or clock, bad buffer size)"
+            }
+            ExitCode::Interrupted => {
+                "trace: Ctrl-C twice: stopped waiting; the file holds what had arrived"
+            }
         }
     }
 }
@@ -129,6 +137,7 @@ mod tests {
         assert_eq!(ExitCode::AgentTimeout.code(), 9);
         assert_eq!(ExitCode::DomainStopped.code(), 10);
         assert_eq!(ExitCode::OutputNotWritable.code(), 11);
+        assert_eq!(ExitCode::AgentRefused.code(), 12);
         assert_eq!(ExitCode::Interrupted.code(), 130);
     }
 

@@ -184,7 +184,7 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         .encode_frame(chan.version())
         .unwrap();
     frame[6..8].copy_from_slice(&999u16.to_le_bytes());
-    (&*chan.socket()).write_all(&frame).unwrap();
+    chan.socket().write_all(&frame).unwrap();
     match chan.recv(Duration::from_secs(30)).expect("reply") {
         Message::Error(e) => assert_eq!(e.code, ErrorCode::UnknownKind),
         other => panic!("expected Error, got {other:?}"),
@@ -199,7 +199,7 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     assert_eq!(MessageKind::Pong as u16, 10);
 
     // Garbage bytes: the session is closed cleanly (Error BadFrame), the agent keeps serving.
-    (&*chan.socket())
+    chan.socket()
         .write_all(b"this is not a frame at all, not even close\n")
         .unwrap();
     match chan.recv(Duration::from_secs(30)) {

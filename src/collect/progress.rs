@@ -106,13 +106,10 @@ impl Progress {
         }
     }
 
-    /// Prints a line without tearing the display.
+    /// Prints a line without tearing the display (nothing when the display is off).
     pub fn println(&self, line: &str) {
-        match &self.multi {
-            Some(m) => {
-                let _ = m.println(line);
-            }
-            None => eprintln!("{line}"),
+        if let Some(m) = &self.multi {
+            let _ = m.println(line);
         }
     }
 }

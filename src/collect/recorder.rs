@@ -67,6 +67,11 @@ pub struct Recorder {
     page_size: u32,
 }
 
+/// Guest metadata files by name (docs/protocol.md lists the names).
+pub type MetadataFiles = BTreeMap<String, Vec<u8>>;
+/// Each CPU's stream outcome with the path of its data file.
+pub type StreamResults = Vec<(StreamOutcome, PathBuf)>;
+
 /// A finished recording.
 #[derive(Debug)]
 pub struct Finished {
@@ -184,9 +189,7 @@ impl Recorder {
 
     /// Gives up on the agent (the domain died, or the user insisted): cancels every stream,
     /// keeps what arrived, and returns the metadata received so far.
-    pub fn abandon_with_metadata(
-        self,
-    ) -> (BTreeMap<String, Vec<u8>>, Vec<(StreamOutcome, PathBuf)>) {
+    pub fn abandon_with_metadata(self) -> (MetadataFiles, StreamResults) {
         let files = self.metadata_so_far().clone();
         (files, self.abandon())
     }

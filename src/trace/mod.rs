@@ -21,8 +21,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::collect::progress::{LossScanner, Progress};
-use crate::collect::recorder::{RecordError, Recorder, RecorderConfig};
+use crate::collect::recorder::{
+    MetadataFiles, RecordError, Recorder, RecorderConfig, StreamResults,
+};
 use crate::control::ControlError;
+use crate::exitcode::ExitCode;
 use crate::libvirt::{Dom, LibvirtError};
 use crate::proto::{ErrorCode, StopReason};
 use crate::tracedat::{PageLayout, TraceDatError};
@@ -75,6 +78,91 @@ pub enum TraceError {
     },
     #[error("recording failed: {0}")]
     Record(#[source] RecordError),
+    #[error(
+        "domain '{domain}' is not set up for tracing: run `tvctl setup {domain}` (or pass --setup)"
+    )]
+    NotSetUp { domain: String },
+    #[error("domain '{domain}' runs without tvctl's channels (setup takes effect at its next boot): restart it, or run `tvctl setup --live {domain}`")]
+    NeedsRestart { domain: String },
+    #[error(transparent)]
+    Setup(#[from] crate::setup::SetupError),
+}
+
+impl TraceError {
+    /// The exit code `tvctl trace` ends with for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            TraceError::Libvirt(e) => crate::setup::libvirt_exit_code(e),
+            TraceError::AgentTimeout(_) => ExitCode::AgentTimeout,
+            TraceError::Refused { .. } => ExitCode::AgentRefused,
+            TraceError::NotRunning(_)
+            | TraceError::NotSetUp { .. }
+            | TraceError::NeedsRestart { .. } => ExitCode::NotSetUp,
+            TraceError::DomainStoppedEarly => ExitCode::DomainStopped,
+            TraceError::Output { .. } | TraceError::Write { .. } => ExitCode::OutputNotWritable,
+            TraceError::Record(RecordError::Fifo { .. }) => ExitCode::HostFileConflict,
+            TraceError::Record(RecordError::NoFifos(_)) => ExitCode::NotSetUp,
+            TraceError::Record(_) => ExitCode::Internal,
+            TraceError::Setup(e) => e.exit_code(),
+        }
+    }
+}
+
+impl TraceOutcome {
+    /// 0 for a whole recording; 10 when the domain stopped; 130 when abandoned (Ctrl-C twice).
+    pub fn exit_code(&self) -> ExitCode {
+        match self.summary.stop_cause {
+            StopCause::DomainStopped => ExitCode::DomainStopped,
+            StopCause::Abandoned => ExitCode::Interrupted,
+            StopCause::AgentError => ExitCode::Internal,
+            StopCause::Duration | StopCause::Interrupt | StopCause::Command => ExitCode::Ok,
+        }
+    }
+}
+
+/// Makes sure `dom` is ready to trace: set up (running `tvctl setup` when asked, or when only
+/// files are missing, such as FIFOs deleted since), and, if it runs, running with our
+/// channels. Returns the domain's folder.
+pub fn prepare(
+    hv: &crate::libvirt::Hypervisor,
+    root: &Path,
+    dom: &Dom,
+    run_setup: bool,
+) -> Result<PathBuf, TraceError> {
+    let name = dom.name();
+    let status = crate::setup::status(hv, root, Some(&dom.uuid()))?;
+    let Some(st) = status.domains.first() else {
+        return Err(TraceError::NotSetUp { domain: name });
+    };
+    let running = dom.is_active()?;
+    if !st.set_up && !run_setup {
+        return Err(TraceError::NotSetUp { domain: name });
+    }
+    if run_setup || !st.ok {
+        // Idempotent: recreates what is missing (FIFOs), changes nothing that is right, and
+        // fails with a precise error on a real conflict.
+        let options = crate::setup::SetupOptions {
+            dry_run: false,
+            live: running && !st.set_up,
+            group: None,
+        };
+        crate::setup::setup(hv, root, &dom.uuid(), &options)?;
+    }
+    if dom.is_active()? {
+        let live = dom.live_xml()?;
+        let has_control = crate::domxml::our_channels(&live)
+            .map(|chs| {
+                chs.iter()
+                    .any(|c| c.kind == crate::domxml::ChannelKind::Control)
+            })
+            .unwrap_or(false);
+        if !has_control {
+            return Err(TraceError::NeedsRestart { domain: name });
+        }
+    }
+    let folder =
+        crate::channels::DomainFolder::new(root, &name).map_err(crate::setup::SetupError::from)?;
+    Ok(folder.path().to_path_buf())
 }
 
 impl From<RecordError> for TraceError {
@@ -340,11 +428,7 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
 
 enum StopResult {
     Done(crate::collect::recorder::Finished),
-    Abandoned(
-        BTreeMap<String, Vec<u8>>,
-        Vec<(crate::collect::stream::StreamOutcome, PathBuf)>,
-        StopCause,
-    ),
+    Abandoned(MetadataFiles, StreamResults, StopCause),
 }
 
 /// Stops the recording on a helper thread while this one watches for a second Ctrl-C or the
@@ -405,9 +489,4 @@ fn page_layout(files: &BTreeMap<String, Vec<u8>>, page_size: u32) -> Option<Page
         page_size,
     )
     .ok()
-}
-
-/// The per-domain folder of `domain` under `root`.
-pub fn domain_dir(root: &Path, domain: &str) -> PathBuf {
-    root.join(domain)
 }
