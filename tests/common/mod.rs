@@ -155,6 +155,29 @@ impl TestVm {
         }
     }
 
+    /// Lines of the console log containing `needle`.
+    pub fn console_count(&self, needle: &str) -> usize {
+        self.console()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until the console has more than `before` lines containing `needle`.
+    pub fn wait_console_count(&self, needle: &str, before: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.console_count(needle) <= before {
+            if start.elapsed() > timeout {
+                panic!(
+                    "guest {} printed no new line containing {needle:?} within {timeout:?}\n{}",
+                    self.name,
+                    self.console_report()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The guest's `TVCTL-REPORT` JSON (printed by init after boot).
     pub fn wait_report(&self) -> serde_json::Value {
         let line = self.wait_console_line("TVCTL-REPORT ", boot_timeout());

@@ -1,0 +1,398 @@
+//! Guest tier: `tvctl setup` then `tvctl trace` on the built-in guest, judged by the real
+//! `trace-cmd report`. One 2-vCPU guest is shared by most tests (the first trace boots it);
+//! the 4-vCPU test boots its own guest because it ends by destroying it mid-trace.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::TestVm;
+
+/// A defined (not started) built-in guest, set up with the real `tvctl setup`.
+struct TracedVm {
+    vm: TestVm,
+    /// tvctl's `--dir` for this guest.
+    root: PathBuf,
+}
+
+impl TracedVm {
+    fn new(tag: &str, vcpus: u32) -> TracedVm {
+        let vm = TestVm::define(tag, vcpus, |xml, _| xml.to_string());
+        let root = common::lab_root().join(format!("{}-root", vm.name));
+        let t = TracedVm { vm, root };
+        let out = t.tvctl(&["setup", &t.vm.name]);
+        assert!(out.status.success(), "setup failed: {}", text(&out));
+        t
+    }
+
+    /// Runs the real tvctl binary with `--dir` set.
+    fn tvctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tvctl"))
+            .arg("--dir")
+            .arg(&self.root)
+            .args(args)
+            .output()
+            .expect("run tvctl")
+    }
+
+    /// `tvctl trace --json ...`; returns (exit code, summary JSON, output text).
+    fn trace(&self, out: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut all = vec!["--json", "trace", &self.vm.name];
+        let out_s = out.to_str().expect("utf-8 path");
+        all.extend_from_slice(&["-o", out_s]);
+        all.extend_from_slice(args);
+        let res = self.tvctl(&all);
+        let code = res.status.code().unwrap_or(-1);
+        let json = serde_json::from_slice(&res.stdout).unwrap_or(serde_json::Value::Null);
+        (code, json, text(&res))
+    }
+}
+
+impl Drop for TracedVm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// One event line of `trace-cmd report -N`.
+#[derive(Debug)]
+struct ReportLine {
+    cpu: u32,
+    ts_ns: u64,
+    event: String,
+    fields: String,
+}
+
+/// Runs the real `trace-cmd report -N` (no plugins: every field printed as name=value).
+fn report(file: &Path) -> Vec<ReportLine> {
+    let out = Command::new("trace-cmd")
+        .arg("report")
+        .arg("-N")
+        .arg(file)
+        .output()
+        .expect("trace-cmd must be installed (scripts/install-deps.sh)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trace-cmd report failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("[UNKNOWN EVENT]"),
+        "unknown events in report"
+    );
+    stdout.lines().filter_map(parse_report_line).collect()
+}
+
+fn parse_report_line(line: &str) -> Option<ReportLine> {
+    let open = line.find(" [")?;
+    let close = open + line[open..].find(']')?;
+    let cpu = line[open + 2..close].trim().parse().ok()?;
+    let rest = line[close + 1..].trim_start();
+    let (ts, rest) = rest.split_once(": ")?;
+    let (secs, frac) = ts.trim().split_once('.')?;
+    let frac = format!("{frac:0<9}");
+    let ts_ns = secs.parse::<u64>().ok()? * 1_000_000_000 + frac[..9].parse::<u64>().ok()?;
+    let rest = rest.trim_start();
+    let (event, fields) = rest.split_once(':')?;
+    Some(ReportLine {
+        cpu,
+        ts_ns,
+        event: event.trim().to_string(),
+        fields: fields.trim().to_string(),
+    })
+}
+
+/// The checks every successful trace must pass: report reads it, its event count equals our
+/// JSON count, every recorded CPU has events, and time never goes backwards within a CPU.
+fn check_file_against_summary(
+    file: &Path,
+    summary: &serde_json::Value,
+    vcpus: u32,
+) -> Vec<ReportLine> {
+    let lines = report(file);
+    assert_eq!(
+        lines.len() as u64,
+        summary["total_events"].as_u64().expect("total_events"),
+        "trace-cmd report and tvctl disagree on the event count"
+    );
+    let mut per_cpu: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for l in &lines {
+        per_cpu.entry(l.cpu).or_default().push(l.ts_ns);
+    }
+    for cpu in 0..vcpus {
+        let ts = per_cpu
+            .get(&cpu)
+            .unwrap_or_else(|| panic!("no events from cpu{cpu}"));
+        assert!(
+            ts.windows(2).all(|w| w[0] <= w[1]),
+            "time went backwards on cpu{cpu}"
+        );
+    }
+    let cpus = summary["cpus"].as_array().expect("cpus");
+    assert_eq!(cpus.len(), vcpus as usize);
+    for c in cpus {
+        assert_eq!(c["complete"], true, "{c}");
+        assert_eq!(c["bytes"], c["bytes_sent"], "{c}");
+    }
+    lines
+}
+
+fn shared() -> std::sync::MutexGuard<'static, TracedVm> {
+    use std::sync::{Mutex, OnceLock};
+    static VM: OnceLock<Mutex<TracedVm>> = OnceLock::new();
+    let m = VM.get_or_init(|| {
+        extern "C" fn cleanup() {
+            if let Some(m) = VM.get() {
+                let t = match m.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                t.vm.remove();
+                let _ = std::fs::remove_dir_all(&t.root);
+            }
+        }
+        // SAFETY: registering a plain extern "C" function with no arguments.
+        unsafe { libc::atexit(cleanup) };
+        Mutex::new(TracedVm::new("trace2", 2))
+    });
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+#[test]
+fn two_vcpus_sched_switch_report_matches_the_json_summary() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.dat");
+
+    let (code, summary, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "5"]);
+
+    assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
+    assert_eq!(summary["events"], serde_json::json!(["sched:sched_switch"]));
+    assert_eq!(summary["stop_cause"], "duration");
+    let lines = check_file_against_summary(&out, &summary, 2);
+    let sw = lines
+        .iter()
+        .find(|l| l.event == "sched_switch")
+        .expect("a sched_switch");
+    for field in [
+        "prev_comm=",
+        "prev_pid=",
+        "prev_state=",
+        "next_comm=",
+        "next_pid=",
+    ] {
+        assert!(
+            sw.fields.contains(field),
+            "field {field} missing: {}",
+            sw.fields
+        );
+    }
+}
+
+#[test]
+fn event_forms_glob_system_and_irq_glob_are_resolved_like_trace_cmd() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    for (form, must_include) in [
+        ("sched*", "sched:sched_switch"),
+        ("sched", "sched:sched_wakeup"),
+        ("irq:*", "irq:softirq_entry"),
+    ] {
+        let out = dir.path().join("forms.dat");
+        let (code, summary, log) = t.trace(&out, &["-e", form, "--duration", "2"]);
+        assert_eq!(code, 0, "-e {form}: {log}\n{}", t.vm.console_report());
+        let events: Vec<&str> = summary["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            events.contains(&must_include),
+            "-e {form} resolved to {events:?}"
+        );
+        let lines = report(&out);
+        assert_eq!(
+            lines.len() as u64,
+            summary["total_events"].as_u64().unwrap(),
+            "-e {form}"
+        );
+        let system = must_include.split(':').next().unwrap();
+        let known: Vec<String> = events
+            .iter()
+            .map(|e| e.split(':').nth(1).unwrap().to_string())
+            .collect();
+        assert!(
+            lines.iter().all(|l| known.contains(&l.event)),
+            "-e {form}: report shows events of other systems than {system}"
+        );
+    }
+}
+
+#[test]
+fn guest_command_runs_while_tracing_and_its_end_stops_the_trace() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmd.dat");
+
+    let (code, summary, log) = t.trace(
+        &out,
+        &[
+            "-e",
+            "sched:sched_process_exec",
+            "-e",
+            "sched:sched_switch",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 1; /bin/tvctl-agent --version >/dev/null; exit 3",
+        ],
+    );
+
+    assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
+    assert_eq!(summary["stop_cause"], "command");
+    assert_eq!(summary["command"]["exit_status"], 3);
+    let lines = report(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.event == "sched_process_exec"
+                && l.fields.contains("filename=/bin/tvctl-agent")),
+        "the command's exec of /bin/tvctl-agent is not in the trace; execs seen: {:?}",
+        lines
+            .iter()
+            .filter(|l| l.event == "sched_process_exec")
+            .map(|l| &l.fields)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn sigint_stops_gracefully_and_the_file_is_complete() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("int.dat");
+    // Make sure the guest runs, so the timing below is about the recording only.
+    let (code, _, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "1"]);
+    assert_eq!(code, 0, "{log}");
+    std::fs::remove_file(&out).unwrap();
+
+    let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
+        .arg("--dir")
+        .arg(&t.root)
+        .args([
+            "--json",
+            "trace",
+            &t.vm.name,
+            "-e",
+            "sched:sched_switch",
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tvctl");
+    std::thread::sleep(Duration::from_secs(6));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let res = child.wait_with_output().unwrap();
+
+    assert_eq!(res.status.code(), Some(0), "{}", text(&res));
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).expect("json");
+    assert_eq!(summary["stop_cause"], "interrupt");
+    check_file_against_summary(&out, &summary, 2);
+}
+
+#[test]
+fn unknown_event_is_refused_with_exit_code_12_and_no_file() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("none.dat");
+    let (code, _, log) = t.trace(&out, &["-e", "no_such_event_anywhere", "--duration", "1"]);
+    assert_eq!(code, 12, "{log}");
+    assert!(log.contains("no_such_event_anywhere"), "{log}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
+    let t = TracedVm::new("trace4", 4);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The guest cannot boot and start its agent in 1 s: exit 9, domain left running.
+    let out = dir.path().join("timeout.dat");
+    let (code, _, log) = t.trace(
+        &out,
+        &[
+            "-e",
+            "sched:sched_switch",
+            "--duration",
+            "1",
+            "--agent-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(code, 9, "{log}");
+    assert!(log.contains("did not answer"), "{log}");
+    assert!(!out.exists());
+
+    // Then a full trace on all four vCPUs.
+    let out = dir.path().join("four.dat");
+    let (code, summary, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "5"]);
+    assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
+    check_file_against_summary(&out, &summary, 4);
+
+    // Destroy the domain mid-trace: exit 10, and report still reads the file.
+    let out = dir.path().join("destroyed.dat");
+    let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
+        .arg("--dir")
+        .arg(&t.root)
+        .args([
+            "--json",
+            "trace",
+            &t.vm.name,
+            "-e",
+            "sched:sched_switch",
+            "--duration",
+            "120",
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tvctl");
+    std::thread::sleep(Duration::from_secs(6));
+    let virsh = Command::new("virsh")
+        .args(["-c", common::URI, "destroy", &t.vm.name])
+        .output()
+        .expect("virsh");
+    assert!(virsh.status.success(), "{}", text(&virsh));
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(res.status.code(), Some(10), "{}", text(&res));
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).expect("json");
+    assert_eq!(summary["stop_cause"], "domain-stopped");
+    let lines = report(&out);
+    assert_eq!(
+        lines.len() as u64,
+        summary["total_events"].as_u64().unwrap()
+    );
+    assert!(!lines.is_empty(), "nothing kept from before the destroy");
+}
