@@ -147,6 +147,9 @@ fn check_file_against_summary(
     lines
 }
 
+/// What the agent prints on the console when a recording starts.
+const RECORDING: &str = "tvctl-agent: recording ";
+
 fn shared() -> std::sync::MutexGuard<'static, TracedVm> {
     use std::sync::{Mutex, OnceLock};
     static VM: OnceLock<Mutex<TracedVm>> = OnceLock::new();
@@ -290,6 +293,7 @@ fn sigint_stops_gracefully_and_the_file_is_complete() {
     assert_eq!(code, 0, "{log}");
     std::fs::remove_file(&out).unwrap();
 
+    let recordings = t.vm.console_count(RECORDING);
     let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
         .arg("--dir")
         .arg(&t.root)
@@ -306,7 +310,9 @@ fn sigint_stops_gracefully_and_the_file_is_complete() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn tvctl");
-    std::thread::sleep(Duration::from_secs(6));
+    // Interrupt a recording that is under way, not a connection attempt.
+    t.vm.wait_console_count(RECORDING, recordings, common::boot_timeout());
+    std::thread::sleep(Duration::from_secs(3));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -361,6 +367,7 @@ fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
 
     // Destroy the domain mid-trace: exit 10, and report still reads the file.
     let out = dir.path().join("destroyed.dat");
+    let recordings = t.vm.console_count(RECORDING);
     let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
         .arg("--dir")
         .arg(&t.root)
@@ -379,7 +386,8 @@ fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn tvctl");
-    std::thread::sleep(Duration::from_secs(6));
+    t.vm.wait_console_count(RECORDING, recordings, common::boot_timeout());
+    std::thread::sleep(Duration::from_secs(3));
     let virsh = Command::new("virsh")
         .args(["-c", common::URI, "destroy", &t.vm.name])
         .output()
