@@ -55,13 +55,15 @@ struct Lab {
 }
 
 impl Lab {
+    /// `tag` stays short (10 bytes at most): the control socket's path, which holds the
+    /// domain name twice, must fit the 107 bytes of a Unix socket address.
     fn new(tag: &str, vcpus: u32) -> Lab {
         Lab::with_xml(tag, vcpus, |xml, _| xml.to_owned())
     }
 
     fn with_xml(tag: &str, vcpus: u32, edit: impl FnOnce(&str, &Path) -> String) -> Lab {
         let vm = TestVm::define(tag, vcpus, edit);
-        let root = vm.dir.join("tvctl");
+        let root = vm.dir.join("t");
         Lab { vm, root }
     }
 
@@ -240,7 +242,7 @@ fn teardown_restores_the_xml_byte_for_byte_and_removes_the_files() {
 #[test]
 fn teardown_keeps_a_controller_and_channels_the_domain_had_before() {
     // Arrange: a domain with its own virtio-serial controller and qemu-ga channel.
-    let lab = Lab::with_xml("own-controller", 2, |xml, _| {
+    let lab = Lab::with_xml("own-ctl", 2, |xml, _| {
         with_devices(
             xml,
             "    <controller type='virtio-serial' index='0'/>\n    \
@@ -459,7 +461,7 @@ fn not_root_exits_4_and_changes_nothing() {
 #[test]
 fn our_channel_with_a_conflicting_path_exits_6_and_changes_nothing() {
     // Arrange: the control channel points into another folder.
-    let lab = Lab::with_xml("conflict-path", 1, |xml, dir| {
+    let lab = Lab::with_xml("conflict", 1, |xml, dir| {
         with_devices(
             xml,
             &format!(
@@ -487,7 +489,7 @@ fn our_channel_with_a_conflicting_path_exits_6_and_changes_nothing() {
 #[test]
 fn foreign_channel_with_our_target_name_exits_6_and_changes_nothing() {
     // Arrange: somebody else's pty channel is called trace-path-cpu0.
-    let lab = Lab::with_xml("foreign-name", 1, |xml, _| {
+    let lab = Lab::with_xml("foreign", 1, |xml, _| {
         with_devices(
             xml,
             "    <channel type='pty'><target type='virtio' name='trace-path-cpu0'/></channel>",
@@ -511,7 +513,7 @@ fn foreign_channel_with_our_target_name_exits_6_and_changes_nothing() {
 #[test]
 fn regular_file_at_a_fifo_path_exits_7_and_changes_nothing() {
     // Arrange: a correct folder, but a regular file where a FIFO belongs.
-    let lab = Lab::new("regular-file", 2);
+    let lab = Lab::new("regfile", 2);
     let (_, qemu_gid) = qemu_label();
     let folder = lab.folder();
     fs::create_dir_all(&folder).unwrap();
@@ -593,12 +595,29 @@ fn dir_on_a_filesystem_without_fifos_exits_7_names_it_and_changes_nothing() {
 
 #[test]
 fn teardown_of_a_domain_not_set_up_exits_8() {
-    let lab = Lab::new("not-set-up", 1);
+    let lab = Lab::new("not-setup", 1);
     let before = lab.snapshot();
 
     let out = run(&lab.root, &["teardown", lab.name()]);
 
     expect_code(&out, ExitCode::NotSetUp);
     assert!(text(&out.stderr).contains("nothing to tear down"));
+    assert_eq!(lab.snapshot(), before);
+}
+
+#[test]
+fn dir_too_long_for_the_control_socket_exits_7_and_changes_nothing() {
+    // Arrange: a --dir so long that QEMU could not bind the socket at the next start.
+    let lab = Lab::new("long-dir", 1);
+    let root = lab.vm.dir.join("d".repeat(80));
+    let before = lab.snapshot();
+
+    // Act
+    let out = run(&root, &["setup", lab.name()]);
+
+    // Assert
+    expect_code(&out, ExitCode::HostFileConflict);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("pass a shorter --dir"), "{stderr}");
     assert_eq!(lab.snapshot(), before);
 }
