@@ -261,12 +261,21 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
             line(format!("{would}remove {path}"));
         }
     }
+    let restart = format!(
+        "{} is {}: the channels {} effect at its next boot (setup --live hot-plugs them now)",
+        report.domain,
+        report.state.replace('_', " "),
+        if report.dry_run { "would take" } else { "take" }
+    );
     if !report.changed {
         let vcpus = report.vcpus.unwrap_or_default();
         line(format!(
             "{} is already set up for {vcpus} vCPUs in {}: nothing changed",
             report.domain, report.folder
         ));
+        if report.restart_needed {
+            line(restart);
+        }
         return out;
     }
     // "would add" in a dry run, "added" otherwise.
@@ -345,12 +354,7 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
         parts.join("; ")
     ));
     if report.restart_needed {
-        line(format!(
-            "{} is {}: the change {} effect at its next boot (setup --live hot-plugs the channels now)",
-            report.domain,
-            report.state.replace('_', " "),
-            if report.dry_run { "would take" } else { "takes" }
-        ));
+        line(restart);
     }
     if report.dry_run {
         line("dry run: nothing changed".to_owned());

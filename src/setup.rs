@@ -199,7 +199,9 @@ pub fn setup(
         detached: live.detach.iter().map(|d| d.name.clone()).collect(),
     };
     report.changed = edit.changed || !file_ops.is_empty() || !live.is_empty();
-    report.restart_needed = state.is_active() && !options.live && edit.changed;
+    report.restart_needed = state.is_active()
+        && !options.live
+        && domxml::apply_plan(&target.dom.live_xml()?, &plan).map_or(true, |e| e.changed);
     if options.dry_run {
         report.xml_diff = domxml::unified_diff(&before, &edit.xml, "domain.xml");
         return Ok(report);

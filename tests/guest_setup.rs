@@ -213,13 +213,16 @@ fn running_domain_without_live_gets_the_channels_at_its_next_boot() {
     let out = expect_code(&run(&root, &["setup", &vm.name]), ExitCode::Ok);
 
     // Assert: configuration changed, the running domain did not, and status says so.
-    assert!(out.contains("takes effect at its next boot"), "{out}");
+    assert!(out.contains("take effect at its next boot"), "{out}");
     assert_eq!(live_names(&vm), Vec::<String>::new());
     let inactive = vm.dom.inactive_xml().unwrap();
     assert_eq!(domxml::our_channels(&inactive).unwrap().len(), 2);
     let status = run(&root, &["status", &vm.name]);
     let text = expect_code(&status, ExitCode::NotSetUp);
     assert!(text.contains("restart it"), "{text}");
+    let again = expect_code(&run(&root, &["setup", &vm.name]), ExitCode::Ok);
+    assert!(again.contains("nothing changed"), "{again}");
+    assert!(again.contains("take effect at its next boot"), "{again}");
 }
 
 #[test]
