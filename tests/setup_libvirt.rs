@@ -621,3 +621,43 @@ fn dir_too_long_for_the_control_socket_exits_7_and_changes_nothing() {
     assert!(stderr.contains("pass a shorter --dir"), "{stderr}");
     assert_eq!(lab.snapshot(), before);
 }
+
+#[test]
+fn group_option_overrides_qemus_group() {
+    // Arrange: libvirt-qemu is a member of kvm on Debian, so QEMU can still enter.
+    let lab = Lab::new("group", 1);
+    let kvm = nix::unistd::Group::from_name("kvm")
+        .unwrap()
+        .expect("group kvm exists");
+
+    // Act
+    let out = expect_code(
+        &run(
+            &lab.root,
+            &["--json", "setup", "--group", "kvm", lab.name()],
+        ),
+        ExitCode::Ok,
+    );
+
+    // Assert
+    assert_eq!(json(&out)["group"]["name"], "kvm");
+    let gid = kvm.gid.as_raw();
+    assert_eq!(mode_owner(&lab.folder()), (0o710, 0, gid));
+    let fifo = lab.folder().join("trace-path-cpu0.in");
+    assert_eq!(mode_owner(&fifo), (0o660, 0, gid));
+}
+
+#[test]
+fn unknown_group_exits_2_and_changes_nothing() {
+    let lab = Lab::new("no-group", 1);
+    let before = lab.snapshot();
+
+    let out = run(
+        &lab.root,
+        &["setup", "--group", "no-such-group-tvctl", lab.name()],
+    );
+
+    expect_code(&out, ExitCode::Usage);
+    assert!(text(&out.stderr).contains("group 'no-such-group-tvctl' does not exist"));
+    assert_eq!(lab.snapshot(), before);
+}
