@@ -144,10 +144,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let config = cli.global.validate()?;
     match &cli.command {
         Command::Setup(args) => {
+            // Before connecting, so that a user without root hears that, not libvirt's
+            // refusal; setup checks again before it changes anything.
             if !args.dry_run {
                 setup::require_root("setup")?;
             }
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let options = SetupOptions {
                 dry_run: args.dry_run,
                 live: args.live,
@@ -161,7 +163,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             if !args.dry_run {
                 setup::require_root("teardown")?;
             }
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let options = TeardownOptions {
                 dry_run: args.dry_run,
             };
@@ -170,16 +172,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::Ok)
         }
         Command::Status(args) => {
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let report = setup::status(&hv, &config.dir, args.domain.as_deref())?;
             emit(&config, &report, print_status)?;
             Ok(report.exit_code())
         }
     }
-}
-
-fn connect(config: &GlobalConfig) -> Result<Hypervisor, LibvirtError> {
-    Hypervisor::connect(&config.uri)
 }
 
 /// Prints `report` as JSON or, unless quiet, for people.
