@@ -540,8 +540,10 @@ fn regular_file_at_a_fifo_path_exits_7_and_changes_nothing() {
     );
 }
 
-/// A bpf filesystem mounted for one test: it takes folders but refuses FIFOs. Unmounted on
-/// drop, before `TestVm` removes the lab folder (declare it after the lab).
+/// A bpf filesystem mounted for one test: it takes folders, owners and modes but refuses
+/// mkfifo (EPERM), like vfat, which the test machines' kernel cannot mount (no vfat module,
+/// so no loop image either). Unmounted on drop, before `TestVm` removes the lab folder
+/// (declare it after the lab).
 struct BpfMount(PathBuf);
 
 impl BpfMount {
