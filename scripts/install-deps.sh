@@ -36,6 +36,20 @@ install_pkgs() {
 
 running() { pgrep -x "$1" >/dev/null 2>&1; }
 
+# Without udev nobody gives /dev/kvm Debian's owner (root:kvm 0660). libvirt then probes QEMU
+# with CAP_DAC_OVERRIDE (KVM enabled) but checks /dev/kvm as QEMU's user (not usable), finds
+# its capabilities cache stale on every lookup and re-probes QEMU each time: every define
+# took seconds per device, minutes under load. Do what the udev rule would.
+kvm_device_like_udev() {
+  [ -c /dev/kvm ] || return 0
+  getent group kvm >/dev/null || return 0
+  if [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then
+    echo "install-deps: giving /dev/kvm Debian's owner and mode (root:kvm 0660)"
+    chgrp kvm /dev/kvm
+    chmod 0660 /dev/kvm
+  fi
+}
+
 start_daemons() {
   mkdir -p /run/libvirt
   if ! running virtlogd; then
@@ -60,4 +74,5 @@ start_daemons() {
 
 need_root
 install_pkgs
+kvm_device_like_udev
 start_daemons

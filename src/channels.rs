@@ -42,6 +42,8 @@ pub const FIFO_MODE: u32 = 0o660;
 pub const STATE_MODE: u32 = 0o600;
 /// Name of the state file in the per-domain folder.
 pub const STATE_FILE: &str = "setup.json";
+/// Longest path a Unix socket can have: `sun_path` holds 108 bytes with the final NUL.
+pub const SOCKET_PATH_MAX: usize = 107;
 
 /// Which end of a vCPU's FIFO pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +167,8 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    #[error("the control socket {} would be {len} bytes long, but Unix socket paths are limited to {SOCKET_PATH_MAX} and the domain would not start: pass a shorter --dir", .path.display())]
+    SocketPathTooLong { path: PathBuf, len: usize },
     #[error("{} holds files tvctl did not create ({}): move them away, then run teardown again", .path.display(), .names.join(", "))]
     ForeignFiles { path: PathBuf, names: Vec<String> },
     #[error("domain name {0:?} cannot name a folder (it is empty, '.', '..' or holds '/')")]
@@ -250,6 +254,11 @@ impl DomainFolder {
     /// holds exactly the FIFOs for `vcpus` vCPUs. Fails, changing nothing, if an existing
     /// path is not what setup would have made.
     pub fn plan_setup(&self, vcpus: u32, owners: &Owners) -> Result<Vec<FileOp>, FileError> {
+        let socket = self.socket();
+        let len = socket.as_os_str().len();
+        if len > SOCKET_PATH_MAX {
+            return Err(FileError::SocketPathTooLong { path: socket, len });
+        }
         let mut ops = Vec::new();
         if let Some(meta) = lstat(&self.path)? {
             check_folder(&self.path, &meta, owners.group)?;

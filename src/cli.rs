@@ -219,10 +219,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let config = cli.global.validate()?;
     match &cli.command {
         Command::Setup(args) => {
+            // Before connecting, so that a user without root hears that, not libvirt's
+            // refusal; setup checks again before it changes anything.
             if !args.dry_run {
                 setup::require_root("setup")?;
             }
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let options = SetupOptions {
                 dry_run: args.dry_run,
                 live: args.live,
@@ -236,7 +238,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             if !args.dry_run {
                 setup::require_root("teardown")?;
             }
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let options = TeardownOptions {
                 dry_run: args.dry_run,
             };
@@ -245,7 +247,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::Ok)
         }
         Command::Status(args) => {
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let report = setup::status(&hv, &config.dir, args.domain.as_deref())?;
             emit(&config, &report, print_status)?;
             Ok(report.exit_code())
@@ -261,10 +263,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(outcome.exit_code())
         }
     }
-}
-
-fn connect(config: &GlobalConfig) -> Result<Hypervisor, LibvirtError> {
-    Hypervisor::connect(&config.uri)
 }
 
 /// Prints `report` as JSON or, unless quiet, for people.
@@ -349,12 +347,21 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
             line(format!("{would}remove {path}"));
         }
     }
+    let restart = format!(
+        "{} is {}: the channels {} effect at its next boot (setup --live hot-plugs them now)",
+        report.domain,
+        report.state.replace('_', " "),
+        if report.dry_run { "would take" } else { "take" }
+    );
     if !report.changed {
         let vcpus = report.vcpus.unwrap_or_default();
         line(format!(
             "{} is already set up for {vcpus} vCPUs in {}: nothing changed",
             report.domain, report.folder
         ));
+        if report.restart_needed {
+            line(restart);
+        }
         return out;
     }
     // "would add" in a dry run, "added" otherwise.
@@ -433,12 +440,7 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
         parts.join("; ")
     ));
     if report.restart_needed {
-        line(format!(
-            "{} is {}: the change {} effect at its next boot (setup --live hot-plugs the channels now)",
-            report.domain,
-            report.state.replace('_', " "),
-            if report.dry_run { "would take" } else { "takes" }
-        ));
+        line(restart);
     }
     if report.dry_run {
         line("dry run: nothing changed".to_owned());

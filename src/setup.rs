@@ -49,6 +49,8 @@ pub enum SetupError {
     Transient { domain: String },
     #[error("domain '{domain}' is running without a virtio-serial controller, and libvirt cannot hot-plug one: run setup without --live and restart the domain")]
     NoLiveController { domain: String },
+    #[error("libvirt cannot hot-plug these channels into a running domain ({message}): run setup without --live; the channels then take effect at the domain's next boot")]
+    HotplugUnsupported { message: String },
     #[error("libvirt at {uri} reports no DAC label for QEMU, so tvctl cannot tell QEMU's group: pass --group with the group QEMU runs as")]
     NoQemuGroup { uri: String },
     #[error("group '{0}' does not exist: pass an existing group name or number to --group")]
@@ -96,9 +98,9 @@ impl SetupError {
             | SetupError::NoQemuGroup { .. }
             | SetupError::UnknownGroup(_)
             | SetupError::NonUtf8Dir(_) => ExitCode::Usage,
-            SetupError::Transient { .. } | SetupError::NoLiveController { .. } => {
-                ExitCode::DomainXmlConflict
-            }
+            SetupError::Transient { .. }
+            | SetupError::NoLiveController { .. }
+            | SetupError::HotplugUnsupported { .. } => ExitCode::DomainXmlConflict,
             SetupError::BadState { .. } => ExitCode::HostFileConflict,
             SetupError::NotSetUp { .. } => ExitCode::NotSetUp,
             SetupError::RolledBack { source, .. } => source.exit_code(),
@@ -197,7 +199,9 @@ pub fn setup(
         detached: live.detach.iter().map(|d| d.name.clone()).collect(),
     };
     report.changed = edit.changed || !file_ops.is_empty() || !live.is_empty();
-    report.restart_needed = state.is_active() && !options.live && edit.changed;
+    report.restart_needed = state.is_active()
+        && !options.live
+        && domxml::apply_plan(&target.dom.live_xml()?, &plan).map_or(true, |e| e.changed);
     if options.dry_run {
         report.xml_diff = domxml::unified_diff(&before, &edit.xml, "domain.xml");
         return Ok(report);
@@ -277,10 +281,32 @@ fn apply_setup(
     }
     for device in &live.attach {
         let step = "hot-plugging channels into the running domain";
-        target.dom.attach_live(&device.xml).map_err(failed(step))?;
+        if device.name == domxml::CONTROL_NAME {
+            // libvirt makes the control socket when it plugs the channel in; a rollback
+            // must take that away too.
+            undo.journal.expect_created(&target.folder.socket());
+        }
+        target
+            .dom
+            .attach_live(&device.xml)
+            .map_err(explain_hotplug_refusal)
+            .map_err(failed(step))?;
         undo.attached.push(device.xml.clone());
     }
     Ok(Applied { xml, controllers })
+}
+
+/// libvirt refuses to hot-plug some chardev types (libvirt 9.0: `pipe`) with a generic
+/// error; say what that means for the user.
+fn explain_hotplug_refusal(err: LibvirtError) -> SetupError {
+    match &err {
+        LibvirtError::Other { message, .. } if message.contains("Hotplug unsupported") => {
+            SetupError::HotplugUnsupported {
+                message: message.clone(),
+            }
+        }
+        _ => err.into(),
+    }
 }
 
 /// The virtio-serial controllers in `after` that `before` did not have.

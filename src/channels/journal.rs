@@ -22,6 +22,7 @@ use super::{lstat, FileError, FileKind, FileOp};
 enum Undo {
     RemoveDir(PathBuf),
     RemoveFile(PathBuf),
+    RemoveIfPresent(PathBuf),
     Recreate {
         path: PathBuf,
         kind: FileKind,
@@ -96,6 +97,14 @@ impl Journal {
         self.undo
             .push(before.unwrap_or(Undo::RemoveFile(path.to_owned())));
         Ok(())
+    }
+
+    /// Records that something else (libvirt) is about to create `path`, so that a rollback
+    /// removes it if it is there by then.
+    pub fn expect_created(&mut self, path: &Path) {
+        if !path.exists() {
+            self.undo.push(Undo::RemoveIfPresent(path.to_owned()));
+        }
     }
 
     /// Forgets the record: the changes stay.
@@ -175,6 +184,10 @@ fn undo_one(undo: &Undo) -> Result<(), String> {
             fs::remove_dir(path).map_err(|e| describe("remove folder", path, &e))
         }
         Undo::RemoveFile(path) => fs::remove_file(path).map_err(|e| describe("remove", path, &e)),
+        Undo::RemoveIfPresent(path) => match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(describe("remove", path, &e)),
+            _ => Ok(()),
+        },
         Undo::Recreate {
             path,
             kind,

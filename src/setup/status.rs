@@ -129,7 +129,17 @@ fn domain_status(
     }
     let live_channels = if state.is_active() {
         let live = domxml::our_channels(&dom.live_xml()?).unwrap_or_default();
-        Some(count(live.iter()))
+        let live_count = count(live.iter());
+        if set_up && live_count != count(ours.iter()) {
+            problem(
+                ProblemKind::NotSetUp,
+                format!(
+                    "the running domain has {live_count} of the {} channels in its configuration: restart it, or run `tvctl setup --live {name}`",
+                    ours.len()
+                ),
+            );
+        }
+        Some(live_count)
     } else {
         None
     };
