@@ -24,6 +24,16 @@ tier "fmt" cargo fmt --check
 tier "clippy (host)" cargo clippy --all-targets -- -D warnings
 tier "clippy (agent, no host features)" cargo clippy --no-default-features --lib --bin tvctl-agent -- -D warnings
 tier "unit tests" cargo test --lib --bins
-tier "integration tests (pure + real libvirtd + host tracefs)" cargo test --test 'proto_*' --test 'domxml_*' --test 'tracedat_*' --test 'setup_*' --test 'cli_*'
-tier "guest tests (boot the built-in guest)" cargo test --test 'guest_*'
+# Every tests/*.rs is in exactly one of the two tiers below: guest_* boot guests, the rest do not.
+integration=() guest=()
+for f in tests/*.rs; do
+  name=$(basename "$f" .rs)
+  case "$name" in
+    guest_*) guest+=(--test "$name") ;;
+    *) integration+=(--test "$name") ;;
+  esac
+done
+tier "integration tests (pure + real libvirtd + host tracefs)" cargo test "${integration[@]}"
+tier "guest tests (boot the built-in guest)" cargo test "${guest[@]}"
+tier "doc tests" cargo test --doc
 echo "all tiers passed"

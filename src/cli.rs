@@ -254,7 +254,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Trace(args) => {
             let mut options = args.validate()?;
-            let hv = connect(&config)?;
+            let hv = Hypervisor::connect(&config.uri)?;
             let dom = hv.lookup(&args.domain)?;
             options.domain_dir = crate::trace::prepare(&hv, &config.dir, &dom, args.setup)?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;

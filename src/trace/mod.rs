@@ -82,7 +82,7 @@ pub enum TraceError {
         "domain '{domain}' is not set up for tracing: run `tvctl setup {domain}` (or pass --setup)"
     )]
     NotSetUp { domain: String },
-    #[error("domain '{domain}' runs without tvctl's channels (setup takes effect at its next boot): restart it, or run `tvctl setup --live {domain}`")]
+    #[error("domain '{domain}' runs without tvctl's channels (setup takes effect at its next boot): restart it (virsh shutdown {domain}; tvctl trace boots it)")]
     NeedsRestart { domain: String },
     #[error(transparent)]
     Setup(#[from] crate::setup::SetupError),
@@ -134,16 +134,17 @@ pub fn prepare(
     let Some(st) = status.domains.first() else {
         return Err(TraceError::NotSetUp { domain: name });
     };
-    let running = dom.is_active()?;
     if !st.set_up && !run_setup {
         return Err(TraceError::NotSetUp { domain: name });
     }
     if run_setup || !st.ok {
         // Idempotent: recreates what is missing (FIFOs), changes nothing that is right, and
         // fails with a precise error on a real conflict.
+        // Not --live: libvirt 9 cannot hot-plug pipe channels; a running domain that lacks
+        // them is told to restart below.
         let options = crate::setup::SetupOptions {
             dry_run: false,
-            live: running && !st.set_up,
+            live: false,
             group: None,
         };
         crate::setup::setup(hv, root, &dom.uuid(), &options)?;
