@@ -53,3 +53,26 @@ fn built_in_guest_sees_tracefs_and_every_named_port() {
         );
     }
 }
+
+#[test]
+fn the_agent_in_the_guest_image_is_a_static_executable() {
+    // scripts/build-guest.sh builds it here and packs it into the guest's initramfs.
+    let agent = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/x86_64-unknown-linux-gnu/release/tvctl-agent"
+    );
+    assert!(
+        std::path::Path::new(agent).exists(),
+        "{agent} missing: run scripts/build-guest.sh"
+    );
+    let out = std::process::Command::new("ldd")
+        .arg(agent)
+        .env("LC_ALL", "C")
+        .output()
+        .expect("ldd");
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("not a dynamic executable"),
+        "ldd says: {said}"
+    );
+}
