@@ -20,7 +20,15 @@ struct TracedVm {
 
 impl TracedVm {
     fn new(tag: &str, vcpus: u32) -> TracedVm {
-        let vm = TestVm::define(tag, vcpus, |xml, _| xml.to_string());
+        TracedVm::with_cmdline(tag, vcpus, "")
+    }
+
+    /// A guest whose kernel command line gets `extra` (e.g. `tvctl.copy=1`).
+    fn with_cmdline(tag: &str, vcpus: u32, extra: &str) -> TracedVm {
+        let vm = TestVm::define(tag, vcpus, |xml, _| {
+            // Every occurrence: the template's header comment names the placeholders too.
+            xml.replace("panic=-1 quiet", &format!("panic=-1 quiet {extra}"))
+        });
         let root = common::lab_root().join(format!("{}-root", vm.name));
         let t = TracedVm { vm, root };
         let out = t.tvctl(&["setup", &t.vm.name]);
@@ -403,4 +411,75 @@ fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
         summary["total_events"].as_u64().unwrap()
     );
     assert!(!lines.is_empty(), "nothing kept from before the destroy");
+}
+
+#[test]
+fn read_write_fallback_is_reported_and_gives_the_same_kind_of_file() {
+    // The agent runs with --copy (tvctl.copy=1 on the guest's kernel command line).
+    let t = TracedVm::with_cmdline("copy", 2, "tvctl.copy=1");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("copy.dat");
+
+    let (code, summary, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "3"]);
+
+    assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
+    assert_eq!(summary["splice"], false, "{summary}");
+    let notes = summary["notes"].to_string();
+    assert!(
+        notes.contains("read/write"),
+        "the fallback is not explained: {notes}"
+    );
+    check_file_against_summary(&out, &summary, 2);
+}
+
+#[test]
+fn output_folder_that_does_not_exist_fails_with_exit_11_before_booting() {
+    let t = shared();
+    let (code, summary, log) = t.trace(
+        Path::new("/nonexistent-tvctl-dir/x.dat"),
+        &["-e", "sched:sched_switch", "--duration", "1"],
+    );
+    assert_eq!(code, 11, "{log}");
+    assert!(summary.is_null(), "no summary on an error");
+    assert!(log.contains("/nonexistent-tvctl-dir"), "{log}");
+}
+
+#[test]
+fn full_disk_fails_with_exit_11_and_leaves_the_agent_ready_for_the_next_trace() {
+    let t = shared();
+    // A 64 KiB tmpfs: the first pages fill it.
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .expect("mount a small tmpfs (root needed)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount(&self.0);
+        }
+    }
+    let _guard = Unmount(small.clone());
+
+    let (code, _, log) = t.trace(
+        &small.join("full.dat"),
+        &["-e", "sched*", "-e", "irq:*", "--duration", "4"],
+    );
+
+    assert_eq!(code, 11, "{log}\n{}", t.vm.console_report());
+    assert!(
+        log.contains("No space left") || log.contains("space"),
+        "{log}"
+    );
+    // The guest is not left recording: the next trace works.
+    let out = dir.path().join("after.dat");
+    let (code, summary, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "2"]);
+    assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
+    check_file_against_summary(&out, &summary, 2);
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,11 +40,22 @@ pub struct PumpConfig {
     pub force_copy: bool,
 }
 
+/// How a pump moves pages, once it knows (see [`PumpShared::mode`]).
+pub const MODE_UNKNOWN: u8 = 0;
+/// splice(2) works from trace_pipe_raw to the port.
+pub const MODE_SPLICE: u8 = 1;
+/// read/write: asked for, or splice failed on this system.
+pub const MODE_COPY: u8 = 2;
+
 /// Shared between a pump and the controller.
 #[derive(Debug, Default)]
 pub struct PumpShared {
     pub stop: AtomicBool,
     pub bytes: AtomicU64,
+    /// MODE_*: set after the pump's first attempt, so `Started` can say how pages travel.
+    pub mode: AtomicU8,
+    /// Why the pump fell back to read/write, if it did.
+    pub note: std::sync::Mutex<Option<String>>,
 }
 
 /// How a pump ended.
@@ -115,23 +126,40 @@ fn pump(cfg: &PumpConfig, shared: &PumpShared, outcome: &mut PumpOutcome) -> io:
     };
     let mut pipe = pipe;
     let mut page = vec![0u8; cfg.page_size];
+    let fall_back = |outcome: &mut PumpOutcome, note: String| {
+        outcome.spliced = false;
+        if let Ok(mut n) = shared.note.lock() {
+            *n = Some(note.clone());
+        }
+        outcome.note = Some(note);
+        shared.mode.store(MODE_COPY, Ordering::SeqCst);
+    };
+    if pipe.is_none() {
+        let note = outcome
+            .note
+            .clone()
+            .unwrap_or_else(|| "read/write requested".to_string());
+        fall_back(outcome, note);
+    }
 
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
         let moved = match &pipe {
             Some(p) => match p.pull(&raw, p.capacity().min(chunk), true) {
                 Ok(Pulled::Bytes(n)) => {
+                    shared.mode.store(MODE_SPLICE, Ordering::SeqCst);
                     p.push_all(&port, n)?;
                     n
                 }
-                Ok(Pulled::WouldBlock) | Ok(Pulled::Eof) => 0,
+                Ok(Pulled::WouldBlock) | Ok(Pulled::Eof) => {
+                    // The kernel accepted the splice; it just had no full page yet.
+                    shared.mode.store(MODE_SPLICE, Ordering::SeqCst);
+                    0
+                }
                 Err(e) if shared.bytes.load(Ordering::SeqCst) == 0 => {
                     // splice from trace_pipe_raw is not supported here: fall back, say so.
-                    outcome.spliced = false;
-                    outcome.note = Some(format!(
-                        "cpu{}: splice failed ({e}); using read/write",
-                        cfg.cpu
-                    ));
+                    let note = format!("cpu{}: splice failed ({e}); using read/write", cfg.cpu);
+                    fall_back(outcome, note);
                     pipe = None;
                     continue;
                 }

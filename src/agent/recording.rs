@@ -197,6 +197,8 @@ impl Recording {
             }
         }
 
+        // Wait (briefly) until every pump knows whether splice works, so Started says so.
+        let (splice, note) = rec.transfer_mode(std::time::Duration::from_secs(2));
         let instance = rec.instance();
         let started = Started {
             instance: instance.name(),
@@ -204,14 +206,33 @@ impl Recording {
             cpus: rec.pumps.iter().map(|p| p.cpu).collect(),
             buffer_kb: instance.buffer_kb()?,
             clock: super::tracefs::current_clock(&instance.trace_clock_text()?).unwrap_or_default(),
-            splice: !force_copy,
-            note: if force_copy {
-                "read/write requested (no splice)".to_string()
-            } else {
-                String::new()
-            },
+            splice,
+            note,
         };
         Ok((rec, started))
+    }
+
+    /// Whether every pump splices, and the reasons of those that do not.
+    fn transfer_mode(&self, wait: std::time::Duration) -> (bool, String) {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline
+            && self
+                .pumps
+                .iter()
+                .any(|p| p.shared.mode.load(Ordering::SeqCst) == pump::MODE_UNKNOWN)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let notes: Vec<String> = self
+            .pumps
+            .iter()
+            .filter_map(|p| p.shared.note.lock().ok().and_then(|n| n.clone()))
+            .collect();
+        let splice = self
+            .pumps
+            .iter()
+            .all(|p| p.shared.mode.load(Ordering::SeqCst) == pump::MODE_SPLICE);
+        (splice, notes.join("; "))
     }
 
     fn instance(&self) -> &Instance {
