@@ -39,19 +39,10 @@ fn built_in_guest_sees_tracefs_and_every_named_port() {
         vm.console_report()
     );
     assert_eq!(report["cpus"], 2);
-    let ports: Vec<&str> = report["ports"]
-        .as_array()
-        .expect("ports array")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    for want in ["agent-ctl-path", "trace-path-cpu0", "trace-path-cpu1"] {
-        assert!(
-            ports.contains(&want),
-            "port {want} missing in guest; saw {ports:?}\n{}",
-            vm.console_report()
-        );
-    }
+    vm.assert_ports(
+        &report,
+        &["agent-ctl-path", "trace-path-cpu0", "trace-path-cpu1"],
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{with_devices, TestVm, URI};
+use common::{expect_code, json, with_devices, TestVm, URI};
 use tvctl::domxml;
 use tvctl::exitcode::ExitCode;
 
@@ -26,23 +26,6 @@ fn run(root: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run tvctl")
-}
-
-/// Asserts the exit code and returns stdout; the failure message shows both streams.
-fn expect_code(output: &Output, code: ExitCode) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(i32::from(code.code())),
-        "expected exit code {} ({code:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        code.code()
-    );
-    stdout
-}
-
-fn json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
 }
 
 fn root_of(vm: &TestVm) -> PathBuf {
@@ -97,19 +80,10 @@ fn guest_sees_every_channel_after_setup_and_qemu_owns_the_fifos_while_running() 
     let report = vm.wait_report();
 
     // Assert: the guest sees every port by name.
-    let ports: Vec<&str> = report["ports"]
-        .as_array()
-        .expect("ports array")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    for want in ["agent-ctl-path", "trace-path-cpu0", "trace-path-cpu1"] {
-        assert!(
-            ports.contains(&want),
-            "port {want} missing in the guest; it saw {ports:?}\n{}",
-            vm.console_report()
-        );
-    }
+    vm.assert_ports(
+        &report,
+        &["agent-ctl-path", "trace-path-cpu0", "trace-path-cpu1"],
+    );
     // While it runs, QEMU owns the FIFOs and libvirt made the control socket.
     for fifo in fifos(&vm, 2) {
         assert_eq!(owner(&fifo), (qemu_uid, qemu_gid), "{}", fifo.display());

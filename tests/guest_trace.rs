@@ -46,6 +46,26 @@ impl TracedVm {
             .expect("run tvctl")
     }
 
+    /// Starts `tvctl trace --json ...` in the background and returns once the guest says the
+    /// recording is under way (plus 3 s of data), for tests that interrupt it.
+    fn spawn_trace_and_wait_for_recording(&self, out: &Path, args: &[&str]) -> std::process::Child {
+        let recordings = self.vm.console_count(RECORDING);
+        let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
+            .arg("--dir")
+            .arg(&self.root)
+            .args(["--json", "trace", &self.vm.name, "-o"])
+            .arg(out)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tvctl");
+        self.vm
+            .wait_console_count(RECORDING, recordings, common::boot_timeout());
+        std::thread::sleep(Duration::from_secs(3));
+        child
+    }
+
     /// `tvctl trace --json ...`; returns (exit code, summary JSON, output text).
     fn trace(&self, out: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
         let mut all = vec!["--json", "trace", &self.vm.name];
@@ -301,26 +321,8 @@ fn sigint_stops_gracefully_and_the_file_is_complete() {
     assert_eq!(code, 0, "{log}");
     std::fs::remove_file(&out).unwrap();
 
-    let recordings = t.vm.console_count(RECORDING);
-    let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
-        .arg("--dir")
-        .arg(&t.root)
-        .args([
-            "--json",
-            "trace",
-            &t.vm.name,
-            "-e",
-            "sched:sched_switch",
-            "-o",
-        ])
-        .arg(&out)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tvctl");
     // Interrupt a recording that is under way, not a connection attempt.
-    t.vm.wait_console_count(RECORDING, recordings, common::boot_timeout());
-    std::thread::sleep(Duration::from_secs(3));
+    let child = t.spawn_trace_and_wait_for_recording(&out, &["-e", "sched:sched_switch"]);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -375,27 +377,10 @@ fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
 
     // Destroy the domain mid-trace: exit 10, and report still reads the file.
     let out = dir.path().join("destroyed.dat");
-    let recordings = t.vm.console_count(RECORDING);
-    let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
-        .arg("--dir")
-        .arg(&t.root)
-        .args([
-            "--json",
-            "trace",
-            &t.vm.name,
-            "-e",
-            "sched:sched_switch",
-            "--duration",
-            "120",
-            "-o",
-        ])
-        .arg(&out)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tvctl");
-    t.vm.wait_console_count(RECORDING, recordings, common::boot_timeout());
-    std::thread::sleep(Duration::from_secs(3));
+    let child = t.spawn_trace_and_wait_for_recording(
+        &out,
+        &["-e", "sched:sched_switch", "--duration", "120"],
+    );
     let virsh = Command::new("virsh")
         .args(["-c", common::URI, "destroy", &t.vm.name])
         .output()

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{with_devices, TestVm, URI};
+use common::{expect_code, json, with_devices, TestVm, URI};
 use tvctl::domxml::{self, ChannelKind};
 use tvctl::exitcode::ExitCode;
 
@@ -29,23 +29,6 @@ fn run(root: &Path, args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts the exit code and returns stdout; the failure message shows both streams.
-fn expect_code(output: &Output, code: ExitCode) -> String {
-    let stdout = text(&output.stdout);
-    let stderr = text(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(i32::from(code.code())),
-        "expected exit code {} ({code:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        code.code()
-    );
-    stdout
-}
-
-fn json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
 }
 
 /// A test domain plus the `--dir` its test uses.

@@ -2,8 +2,12 @@
 //! in tests/data/setup/ (rewrite them with `TVCTL_BLESS=1` after a deliberate change, and
 //! update docs/json.md with it). Every JSON field must be documented in docs/json.md.
 
+mod common;
+
 use std::fs;
 use std::path::PathBuf;
+
+use common::key_paths;
 
 use tvctl::cli::{print_change, print_status, Verbosity};
 use tvctl::domxml::unified_diff;
@@ -206,30 +210,6 @@ fn human_output_matches_golden_files() {
 }
 
 /// Every key path in `value`: `files.created`, `problems[].kind`.
-fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, inner) in map {
-                let path = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                // An object is documented through its fields.
-                if !inner.is_object() {
-                    out.push(path.clone());
-                }
-                key_paths(inner, &path, out);
-            }
-        }
-        serde_json::Value::Array(items) => {
-            for item in items {
-                key_paths(item, &format!("{prefix}[]"), out);
-            }
-        }
-        _ => {}
-    }
-}
 
 #[test]
 fn every_json_field_is_documented() {

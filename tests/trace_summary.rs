@@ -1,6 +1,9 @@
 //! The `tvctl trace --json` summary: its exact shape (a golden file) and that every field is
 //! documented in docs/json.md.
 
+mod common;
+
+use common::key_paths;
 use tvctl::trace::summary::{CommandSummary, CpuSummary, StopCause, TraceSummary, SCHEMA};
 
 fn example() -> TraceSummary {
@@ -40,28 +43,6 @@ fn example() -> TraceSummary {
         total_lost_events: 0,
         complete: true,
         notes: vec![],
-    }
-}
-
-fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                let path = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                out.push(path.clone());
-                key_paths(v, &path, out);
-            }
-        }
-        serde_json::Value::Array(items) => {
-            for item in items {
-                key_paths(item, &format!("{prefix}[]"), out);
-            }
-        }
-        _ => {}
     }
 }
 

@@ -282,3 +282,66 @@ impl TestVm {
         self.dir.join("agent-ctl-path.sock")
     }
 }
+
+/// Every key path of a JSON value (`a.b`, `list[].c`), for "every field is documented" tests.
+/// An object is documented through its fields, so only leaves and arrays are listed.
+pub fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                if !inner.is_object() {
+                    out.push(path.clone());
+                }
+                key_paths(inner, &path, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                key_paths(item, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Asserts a process's exit code and returns its stdout; the failure message shows both streams.
+pub fn expect_code(output: &std::process::Output, code: tvctl::exitcode::ExitCode) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(i32::from(code.code())),
+        "expected exit code {} ({code:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        code.code()
+    );
+    stdout
+}
+
+/// Parses stdout as JSON, or fails showing it.
+pub fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
+}
+
+impl TestVm {
+    /// Asserts the guest's boot report lists every port in `want`.
+    pub fn assert_ports(&self, report: &serde_json::Value, want: &[&str]) {
+        let ports: Vec<&str> = report["ports"]
+            .as_array()
+            .expect("ports array")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for name in want {
+            assert!(
+                ports.contains(name),
+                "port {name} missing in the guest; it saw {ports:?}\n{}",
+                self.console_report()
+            );
+        }
+    }
+}
