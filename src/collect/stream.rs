@@ -49,6 +49,9 @@ pub struct StreamShared {
     pub failed: AtomicBool,
     /// Bytes read and dropped after a failure.
     pub dropped: AtomicU64,
+    /// Bytes of the stream taken from the FIFO (written or not): with `dropped`, tells when a
+    /// failed stream has been drained to the agent's count.
+    consumed: AtomicU64,
 }
 
 impl Default for StreamShared {
@@ -62,6 +65,7 @@ impl Default for StreamShared {
             excess: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
         }
     }
 }
@@ -114,26 +118,7 @@ impl CpuStream {
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name(format!("collect-cpu{cpu}"))
-            .spawn(move || {
-                let mut outcome = StreamOutcome {
-                    cpu,
-                    received: 0,
-                    complete: false,
-                    error: None,
-                };
-                match run(cpu, &fifo_file, &out, nonce, &thread_shared) {
-                    Ok(complete) => outcome.complete = complete,
-                    Err(e) => {
-                        // Keep reading (and dropping) so the guest's writer never stalls
-                        // on a FIFO nobody reads, e.g. when the host's disk is full.
-                        thread_shared.failed.store(true, Ordering::SeqCst);
-                        discard_until_done(&fifo_file, &thread_shared);
-                        outcome.error = Some(e);
-                    }
-                }
-                outcome.received = thread_shared.received.load(Ordering::SeqCst);
-                outcome
-            })?;
+            .spawn(move || collect_stream(cpu, &fifo_file, &out, nonce, &thread_shared))?;
         Ok(CpuStream {
             cpu,
             shared,
@@ -158,6 +143,35 @@ impl CpuStream {
     }
 }
 
+/// The body of a stream's thread: collect, and on a write failure keep draining so the guest
+/// never stalls.
+fn collect_stream(
+    cpu: u32,
+    fifo: &File,
+    out: &File,
+    nonce: u64,
+    shared: &StreamShared,
+) -> StreamOutcome {
+    let mut outcome = StreamOutcome {
+        cpu,
+        received: 0,
+        complete: false,
+        error: None,
+    };
+    match run(cpu, fifo, out, nonce, shared) {
+        Ok(complete) => outcome.complete = complete,
+        Err(e) => {
+            // Keep reading (and dropping) so the guest's writer never stalls on a FIFO
+            // nobody reads, e.g. when the host's disk is full.
+            shared.failed.store(true, Ordering::SeqCst);
+            discard_until_done(fifo, shared);
+            outcome.error = Some(e);
+        }
+    }
+    outcome.received = shared.received.load(Ordering::SeqCst);
+    outcome
+}
+
 /// Returns Ok(true) when the target was reached, Ok(false) when cancelled first.
 fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> io::Result<bool> {
     // Phase 1: find the marker. Keep the last LEN-1 bytes in case it spans two reads.
@@ -176,7 +190,9 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
             shared.discarded.fetch_add(at as u64, Ordering::SeqCst);
             shared.synced.store(true, Ordering::SeqCst);
             let tail = &window[at + StreamMarker::LEN..];
-            // The tail is part of the stream; with a target known, never keep more than it.
+            shared
+                .consumed
+                .fetch_add(tail.len() as u64, Ordering::SeqCst);
             write_all_fd(out, tail)?;
             shared
                 .received
@@ -219,6 +235,7 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
         .min(pipe.capacity());
         match pipe.pull(fifo, max, true)? {
             Pulled::Bytes(n) => {
+                shared.consumed.fetch_add(n as u64, Ordering::SeqCst);
                 pipe.push_all(out, n)?;
                 shared.received.fetch_add(n as u64, Ordering::SeqCst);
             }
@@ -235,7 +252,7 @@ fn discard_until_done(fifo: &File, shared: &StreamShared) {
         if shared.cancel.load(Ordering::SeqCst) {
             return;
         }
-        let seen = shared.received.load(Ordering::SeqCst) + shared.dropped.load(Ordering::SeqCst);
+        let seen = shared.consumed.load(Ordering::SeqCst) + shared.dropped.load(Ordering::SeqCst);
         if shared.target().is_some_and(|t| seen >= t) {
             return;
         }
@@ -332,6 +349,45 @@ mod tests {
         assert_eq!(std::fs::read(&data).unwrap(), pages);
         assert_eq!(shared.excess.load(Ordering::SeqCst), 16);
         assert_eq!(shared.discarded.load(Ordering::SeqCst), 1000 + 32);
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_stream_but_it_is_still_drained_to_the_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fifo, mut writer) = fifo_pair(tmp.path());
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let shared = Arc::new(StreamShared::default());
+        let marker = StreamMarker {
+            stream_nonce: 9,
+            cpu: 0,
+            page_size: 4096,
+        }
+        .to_bytes();
+        let pages = vec![7u8; 8 * 4096];
+        shared.set_target(pages.len() as u64);
+        let thread_shared = Arc::clone(&shared);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(collect_stream(0, &reader, &full, 9, &thread_shared));
+        });
+
+        writer.write_all(&marker).unwrap();
+        for page in pages.chunks(4096) {
+            // Would block for ever if the failed stream stopped reading.
+            writer.write_all(page).unwrap();
+        }
+        let outcome = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the failed stream must finish once the agent's count is drained");
+
+        assert!(outcome.error.is_some(), "{outcome:?}");
+        assert!(shared.failed.load(Ordering::SeqCst));
+        assert!(!outcome.complete);
     }
 
     #[test]
