@@ -348,7 +348,7 @@ fn unknown_event_is_refused_with_exit_code_12_and_no_file() {
 }
 
 #[test]
-fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
+fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
     let t = TracedVm::new("trace4", 4);
     let dir = tempfile::tempdir().unwrap();
 
@@ -374,6 +374,35 @@ fn four_vcpus_agent_timeout_then_full_trace_then_destroy_mid_trace() {
     let (code, summary, log) = t.trace(&out, &["-e", "sched:sched_switch", "--duration", "5"]);
     assert_eq!(code, 0, "{log}\n{}", t.vm.console_report());
     check_file_against_summary(&out, &summary, 4);
+
+    // Ctrl-C twice while the guest cannot answer (paused): tvctl stops waiting and writes
+    // what had arrived (exit 130); the file is readable.
+    let out = dir.path().join("abandoned.dat");
+    let child = t.spawn_trace_and_wait_for_recording(&out, &["-e", "sched:sched_switch"]);
+    let virsh = |verb: &str| {
+        let o = Command::new("virsh")
+            .args(["-c", common::URI, verb, &t.vm.name])
+            .output()
+            .expect("virsh");
+        assert!(o.status.success(), "virsh {verb}: {}", text(&o));
+    };
+    virsh("suspend");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let res = child.wait_with_output().unwrap();
+    virsh("resume");
+    assert_eq!(res.status.code(), Some(130), "{}", text(&res));
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).expect("json");
+    assert_eq!(summary["stop_cause"], "abandoned");
+    assert_eq!(summary["complete"], false);
+    let lines = report(&out);
+    assert_eq!(
+        lines.len() as u64,
+        summary["total_events"].as_u64().unwrap()
+    );
+    assert!(!lines.is_empty(), "nothing kept of what had arrived");
 
     // Destroy the domain mid-trace: exit 10, and report still reads the file.
     let out = dir.path().join("destroyed.dat");

@@ -187,13 +187,6 @@ impl Recorder {
         }
     }
 
-    /// Gives up on the agent (the domain died, or the user insisted): cancels every stream,
-    /// keeps what arrived, and returns the metadata received so far.
-    pub fn abandon_with_metadata(self) -> (MetadataFiles, StreamResults) {
-        let files = self.metadata_so_far().clone();
-        (files, self.abandon())
-    }
-
     /// Waits up to `timeout` for the agent to stop on its own (its command ended). True once
     /// it has; then [`Recorder::stop`] only collects.
     pub fn poll_stopped(&mut self, timeout: Duration) -> Result<bool, RecordError> {
@@ -221,50 +214,58 @@ impl Recorder {
 
     /// Stops (unless the agent already did), collects metadata and waits for every stream to
     /// reach the agent's byte count, at most `drain_timeout` (then keeps what arrived).
-    pub fn stop(mut self, drain_timeout: Duration) -> Result<Finished, RecordError> {
+    pub fn stop(self, drain_timeout: Duration) -> Result<Finished, RecordError> {
+        match self.stop_or_abandon(drain_timeout, &mut || false) {
+            StopOutcome::Finished(f) => Ok(f),
+            StopOutcome::Abandoned { error, .. } => {
+                Err(error.unwrap_or(RecordError::Control(ControlError::Closed)))
+            }
+        }
+    }
+
+    /// Like [`Recorder::stop`], but gives up as soon as `abort()` says so (checked every
+    /// 100 ms: a second Ctrl-C, a dead domain) or the agent goes away: then every stream is
+    /// cancelled and what arrived is kept.
+    pub fn stop_or_abandon(
+        mut self,
+        drain_timeout: Duration,
+        abort: &mut dyn FnMut() -> bool,
+    ) -> StopOutcome {
+        let slice = Duration::from_millis(100);
         let (metadata, stopped) = match self.early_stop.take() {
             Some(done) => done,
             None => {
-                self.chan.send(&Message::Stop)?;
+                if let Err(e) = self.chan.send(&Message::Stop) {
+                    return self.abandon_outcome(Some(e.into()));
+                }
                 let deadline = Instant::now() + self.cfg.reply_timeout;
                 loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.chan.recv(left)? {
-                        Message::Metadata(m) => {
-                            self.assembler.push(m)?;
+                    if abort() {
+                        return self.abandon_outcome(None);
+                    }
+                    if Instant::now() >= deadline {
+                        let e = ControlError::Timeout(self.cfg.reply_timeout);
+                        return self.abandon_outcome(Some(e.into()));
+                    }
+                    match self.chan.recv(slice) {
+                        Ok(Message::Metadata(m)) => {
+                            if let Err(e) = self.assembler.push(m) {
+                                return self.abandon_outcome(Some(e.into()));
+                            }
                         }
-                        Message::Stopped(s) => {
-                            let files = std::mem::take(&mut self.assembler).finish()?;
-                            break (files, s);
+                        Ok(Message::Stopped(s)) => {
+                            match std::mem::take(&mut self.assembler).finish() {
+                                Ok(files) => break (files, s),
+                                Err(e) => return self.abandon_outcome(Some(e.into())),
+                            }
                         }
-                        _ => {}
+                        Ok(_) | Err(ControlError::Timeout(_)) => {}
+                        Err(ControlError::Closed) => return self.abandon_outcome(None),
+                        Err(e) => return self.abandon_outcome(Some(e.into())),
                     }
                 }
             }
         };
-        Ok(self.collect(metadata, stopped, drain_timeout))
-    }
-
-    /// Gives up on the agent: cancels every stream and keeps what arrived.
-    pub fn abandon(self) -> Vec<(StreamOutcome, PathBuf)> {
-        for s in &self.streams {
-            s.shared.cancel.store(true, Ordering::SeqCst);
-        }
-        self.streams
-            .into_iter()
-            .map(|s| {
-                let path = s.data_path.clone();
-                (s.join(), path)
-            })
-            .collect()
-    }
-
-    fn collect(
-        self,
-        metadata: BTreeMap<String, Vec<u8>>,
-        stopped: Stopped,
-        drain_timeout: Duration,
-    ) -> Finished {
         for s in &self.streams {
             match stopped.cpus.iter().find(|c| c.cpu == s.cpu) {
                 Some(c) => s.shared.set_target(c.bytes),
@@ -272,27 +273,75 @@ impl Recorder {
             }
         }
         let deadline = Instant::now() + drain_timeout;
+        let mut aborted = false;
         while Instant::now() < deadline && self.streams.iter().any(|s| !s.is_finished()) {
+            if abort() {
+                aborted = true;
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let streams = self.join_streams();
+        self.chan.close();
+        if aborted {
+            StopOutcome::Abandoned {
+                metadata,
+                streams,
+                error: None,
+            }
+        } else {
+            StopOutcome::Finished(Finished {
+                metadata,
+                stopped,
+                streams,
+            })
+        }
+    }
+
+    /// Gives up on the agent (the domain died, or the user insisted): cancels every stream,
+    /// keeps what arrived, and returns the metadata received so far.
+    pub fn abandon_with_metadata(mut self) -> (MetadataFiles, StreamResults) {
+        let files = self.metadata_so_far().clone();
+        (files, self.join_streams())
+    }
+
+    fn abandon_outcome(mut self, error: Option<RecordError>) -> StopOutcome {
+        let metadata = self.metadata_so_far().clone();
+        let streams = self.join_streams();
+        StopOutcome::Abandoned {
+            metadata,
+            streams,
+            error,
+        }
+    }
+
+    /// Cancels streams that are still running, and joins them all.
+    fn join_streams(&mut self) -> StreamResults {
         for s in &self.streams {
             s.shared.cancel.store(true, Ordering::SeqCst);
         }
-        let streams = self
-            .streams
+        std::mem::take(&mut self.streams)
             .into_iter()
             .map(|s| {
                 let path = s.data_path.clone();
                 (s.join(), path)
             })
-            .collect();
-        self.chan.close();
-        Finished {
-            metadata,
-            stopped,
-            streams,
-        }
+            .collect()
     }
+}
+
+/// How [`Recorder::stop_or_abandon`] ended.
+#[derive(Debug)]
+pub enum StopOutcome {
+    /// The agent stopped and every stream was read to its count (or to the drain timeout).
+    Finished(Finished),
+    /// Given up: what had arrived, without the agent's final counts. `error` says why when it
+    /// was not the caller's `abort()` or the agent going away.
+    Abandoned {
+        metadata: MetadataFiles,
+        streams: StreamResults,
+        error: Option<RecordError>,
+    },
 }
 
 impl Finished {

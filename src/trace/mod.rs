@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::collect::progress::{LossScanner, Progress};
 use crate::collect::recorder::{
-    MetadataFiles, RecordError, Recorder, RecorderConfig, StreamResults,
+    MetadataFiles, RecordError, Recorder, RecorderConfig, StopOutcome, StreamResults,
 };
 use crate::control::ControlError;
 use crate::exitcode::ExitCode;
@@ -319,6 +319,7 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let page_size = rec.started_page_size();
     let started = rec.started.clone();
     let signals_at_stop = signals();
+    let mut stop_error = None;
     let (files, stopped, streams, cause) = match cause {
         StopCause::DomainStopped => {
             let (files, streams) = rec.abandon_with_metadata();
@@ -337,14 +338,20 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
                     };
                     (f.metadata, Some(f.stopped), f.streams, cause)
                 }
-                StopResult::Abandoned(files, streams, why) => (files, None, streams, why),
+                StopResult::Abandoned(files, streams, why, error) => {
+                    if let Some(e) = error {
+                        progress.println(&format!("stopping failed: {e}"));
+                        stop_error = Some(e);
+                    }
+                    (files, None, streams, why)
+                }
             }
         }
     };
     progress.finish();
 
     // Write the file and count.
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = stop_error.into_iter().collect();
     if !started.splice {
         notes.push(format!(
             "the guest used read/write instead of splice: {}",
@@ -429,56 +436,39 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
 
 enum StopResult {
     Done(crate::collect::recorder::Finished),
-    Abandoned(MetadataFiles, StreamResults, StopCause),
+    Abandoned(MetadataFiles, StreamResults, StopCause, Option<String>),
 }
 
-/// Stops the recording on a helper thread while this one watches for a second Ctrl-C or the
-/// domain dying; either abandons the wait and keeps what arrived.
+/// Stops the recording, giving up (and keeping what arrived) on a second Ctrl-C or when the
+/// domain dies while the agent drains.
 fn stop_watching(rec: Recorder, dom: &Dom, signals_at_stop: u32) -> StopResult {
-    use std::sync::mpsc;
-    let cancels: Vec<_> = rec.streams().iter().map(|s| s.shared.clone()).collect();
-    let files_so_far = rec.metadata_so_far().clone();
-    let (tx, rx) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let _ = tx.send(rec.stop(Duration::from_secs(60)));
-    });
+    let mut why = None;
     let mut last_check = Instant::now();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(finished)) => {
-                let _ = worker.join();
-                return StopResult::Done(finished);
-            }
-            Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                // The agent went away while stopping: keep what arrived.
-                let _ = worker.join();
-                return StopResult::Abandoned(files_so_far, Vec::new(), StopCause::DomainStopped);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        let insist = signals() > signals_at_stop;
-        let dead = last_check.elapsed() > Duration::from_millis(500) && {
+    let mut abort = || {
+        if signals() > signals_at_stop {
+            why = Some(StopCause::Abandoned);
+        } else if last_check.elapsed() > Duration::from_millis(500) {
             last_check = Instant::now();
-            !dom.is_active().unwrap_or(true)
-        };
-        if insist || dead {
-            for s in &cancels {
-                s.cancel.store(true, Ordering::SeqCst);
+            if !dom.is_active().unwrap_or(true) {
+                why = Some(StopCause::DomainStopped);
             }
-            // The worker returns soon: its streams are cancelled; its control wait is bounded.
-            let result = rx.recv_timeout(Duration::from_secs(5));
-            let why = if insist {
-                StopCause::Abandoned
-            } else {
-                StopCause::DomainStopped
+        }
+        why.is_some()
+    };
+    match rec.stop_or_abandon(Duration::from_secs(60), &mut abort) {
+        StopOutcome::Finished(f) => StopResult::Done(f),
+        StopOutcome::Abandoned {
+            metadata,
+            streams,
+            error,
+        } => {
+            // Without an error the agent went away (the domain died) or we gave up.
+            let cause = match (why, &error) {
+                (Some(c), _) => c,
+                (None, None) => StopCause::DomainStopped,
+                (None, Some(_)) => StopCause::AgentError,
             };
-            return match result {
-                Ok(Ok(finished)) => {
-                    let _ = worker.join();
-                    StopResult::Abandoned(finished.metadata, finished.streams, why)
-                }
-                _ => StopResult::Abandoned(files_so_far, Vec::new(), why),
-            };
+            StopResult::Abandoned(metadata, streams, cause, error.map(|e| e.to_string()))
         }
     }
 }
