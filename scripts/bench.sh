@@ -6,6 +6,7 @@
 #    per CPU collected (bytes in the trace.dat / recording time) and lost events.
 # 2. Agent overhead: the guest command reads the agent's CPU time (utime+stime of all its
 #    threads, /proc/PID/stat) before and after the workload; we report it as % of one vCPU.
+# 3. Host cost: tvctl's own CPU time (all threads) for the run.
 #
 # Usage: scripts/bench.sh [VCPUS] [DD_COUNT]
 set -euo pipefail
@@ -32,10 +33,18 @@ log=/var/lib/tvctl-lab/$dom.console.log
 ticks='a=$(pidof tvctl-agent | cut -d" " -f1); echo BENCH-TICKS $(cut -d" " -f14,15 /proc/$a/stat) $(getconf CLK_TCK 2>/dev/null || echo 100)'
 guest_cmd="$ticks > /dev/console; t0=\$(cut -d. -f1 /proc/uptime); dd if=/dev/zero of=/dev/null bs=1 count=$count 2>/dev/null; $ticks > /dev/console"
 
-$tvctl --dir "$root" trace "$dom" -e raw_syscalls -b 8192 -o "$out/bench.dat" --json \
-  -- /bin/sh -c "$guest_cmd" > "$out/summary.json"
+# tvctl runs under a small wrapper that reports its CPU time (user+sys, all threads): the
+# host-side cost of collecting (boot wait included, which is idle).
+python3 - "$out/host-cpu.txt" "$tvctl" --dir "$root" trace "$dom" -e raw_syscalls -b 8192 \
+  -o "$out/bench.dat" --json -- /bin/sh -c "$guest_cmd" > "$out/summary.json" <<'PY'
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[2:]).returncode
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{u.ru_utime:.2f} {u.ru_stime:.2f}\n")
+sys.exit(rc)
+PY
 
-python3 - "$out/summary.json" "$log" <<'PY'
+python3 - "$out/summary.json" "$log" "$out/host-cpu.txt" <<'PY'
 import json, sys, re
 s = json.load(open(sys.argv[1]))
 d = s["duration_s"]
@@ -52,4 +61,7 @@ if len(ticks) >= 2:
     print(f"agent CPU time during the workload: {used:.2f} s = {100*used/d:.1f} % of one vCPU over {d:.1f} s")
 else:
     print("agent CPU time: not found in the console log", file=sys.stderr)
+user, system = map(float, open(sys.argv[3]).read().split())
+print(f"host: tvctl used {user:.2f} s user + {system:.2f} s system CPU for the whole run "
+      f"({(user + system) / (tot / 1e6):.3f} s per MB collected)")
 PY
