@@ -2,8 +2,9 @@
 //! (written by hand from docs/trace-format.md), and synthetic files must be read by the real
 //! `trace-cmd report`. The trace-cmd tests fail, never skip, when trace-cmd is missing.
 
+mod common;
+
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tvctl::tracedat::{write_trace_dat, CpuData, TraceDatError, TraceDatFile, TraceMeta};
@@ -111,27 +112,6 @@ fn parse_golden_hex(text: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-fn write_file(dir: &Path, meta: &TraceMeta, cpu_pages: &[Vec<u8>]) -> PathBuf {
-    let mut files = Vec::new();
-    for (cpu, data) in cpu_pages.iter().enumerate() {
-        let path = dir.join(format!("cpu{cpu}.raw"));
-        File::create(&path).unwrap().write_all(data).unwrap();
-        files.push(File::open(&path).unwrap());
-    }
-    let cpus: Vec<_> = files
-        .iter()
-        .zip(cpu_pages)
-        .map(|(file, data)| CpuData {
-            file,
-            len: u64::try_from(data.len()).unwrap(),
-        })
-        .collect();
-    let path = dir.join("trace.dat");
-    let mut out = File::create(&path).unwrap();
-    write_trace_dat(&mut out, meta, &cpus).unwrap();
-    path
 }
 
 fn report(path: &Path, extra: &[&str]) -> String {
@@ -394,4 +374,8 @@ fn cpu_stats_count_must_match_the_cpus() {
     let err = write_trace_dat(&mut out, &golden_meta(), &cpus).unwrap_err();
 
     assert!(matches!(err, TraceDatError::InvalidMeta(_)), "{err}");
+}
+
+fn write_file(dir: &Path, meta: &TraceMeta, cpu_data: &[Vec<u8>]) -> PathBuf {
+    common::write_trace_file(dir, meta, cpu_data).0
 }

@@ -6,18 +6,17 @@
 //! in a private instance (`instances/tvctl-test-<pid>-<n>`) that is removed again, also when a
 //! test panics.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
-use tvctl::tracedat::{
-    write_trace_dat, CpuData, EventCounts, EventNames, PageLayout, TraceDatFile, TraceMeta,
-    WriteSummary,
-};
+use tvctl::tracedat::{EventCounts, EventNames, PageLayout, TraceDatFile, TraceMeta, WriteSummary};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 /// Events we enable: two systems, one with two events.
@@ -280,23 +279,7 @@ fn overflowing_capture() -> &'static Capture {
 
 /// Writes a capture as trace.dat, each CPU's pages coming from its own file as in tvctl.
 fn write_capture(capture: &Capture, dir: &Path) -> (PathBuf, WriteSummary) {
-    let mut cpu_files = Vec::new();
-    for (cpu, data) in capture.cpu_data.iter().enumerate() {
-        let path = dir.join(format!("cpu{cpu}.raw"));
-        File::create(&path).unwrap().write_all(data).unwrap();
-        cpu_files.push(File::open(&path).unwrap());
-    }
-    let cpus: Vec<_> = cpu_files
-        .iter()
-        .zip(&capture.cpu_data)
-        .map(|(file, data)| CpuData {
-            file,
-            len: u64::try_from(data.len()).unwrap(),
-        })
-        .collect();
-    let path = dir.join("trace.dat");
-    let mut out = File::create(&path).unwrap();
-    let summary = write_trace_dat(&mut out, &capture.meta, &cpus).unwrap();
+    let (path, summary) = common::write_trace_file(dir, &capture.meta, &capture.cpu_data);
     if let Ok(keep) = std::env::var("TVCTL_KEEP_TRACE_DAT") {
         fs::copy(&path, keep).unwrap();
     }

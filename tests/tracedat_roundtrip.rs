@@ -1,11 +1,12 @@
 //! The reader gives back exactly what the writer wrote, for random metadata and pages; and a
 //! truncated, corrupted or random file is an error, never a panic or a huge allocation.
 
+mod common;
+
 use proptest::prelude::*;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
-use tvctl::tracedat::{write_trace_dat, CpuData, TraceDatError, TraceDatFile, TraceMeta};
+use tvctl::tracedat::{TraceDatError, TraceDatFile, TraceMeta};
 
 const HEADER_PAGE_64: &[u8] = include_bytes!("data/tracedat/header_page_64.txt");
 const HEADER_EVENT: &[u8] = include_bytes!("data/tracedat/header_event.txt");
@@ -25,27 +26,6 @@ fn pages(page_size: u32, count: u8, seed: u64) -> Vec<u8> {
             state.to_le_bytes()[0]
         })
         .collect()
-}
-
-fn write_file(dir: &Path, meta: &TraceMeta, cpu_data: &[Vec<u8>]) -> PathBuf {
-    let mut files = Vec::new();
-    for (cpu, data) in cpu_data.iter().enumerate() {
-        let path = dir.join(format!("cpu{cpu}.raw"));
-        File::create(&path).unwrap().write_all(data).unwrap();
-        files.push(File::open(&path).unwrap());
-    }
-    let cpus: Vec<_> = files
-        .iter()
-        .zip(cpu_data)
-        .map(|(file, data)| CpuData {
-            file,
-            len: u64::try_from(data.len()).unwrap(),
-        })
-        .collect();
-    let path = dir.join("trace.dat");
-    let mut out = File::create(&path).unwrap();
-    write_trace_dat(&mut out, meta, &cpus).unwrap();
-    path
 }
 
 fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -292,4 +272,8 @@ fn unknown_options_are_kept_raw() {
 
     assert_eq!(file.meta().trace_id, None);
     assert_eq!(file.other_options(), [(99, 7u64.to_le_bytes().to_vec())]);
+}
+
+fn write_file(dir: &Path, meta: &TraceMeta, cpu_data: &[Vec<u8>]) -> PathBuf {
+    common::write_trace_file(dir, meta, cpu_data).0
 }

@@ -345,3 +345,34 @@ impl TestVm {
         }
     }
 }
+
+/// Writes a trace.dat in `dir` from per-CPU page data, each CPU's pages coming from a file of
+/// its own as in tvctl; returns its path and the writer's summary.
+pub fn write_trace_file(
+    dir: &Path,
+    meta: &tvctl::tracedat::TraceMeta,
+    cpu_data: &[Vec<u8>],
+) -> (PathBuf, tvctl::tracedat::WriteSummary) {
+    use std::io::Write;
+    let mut files = Vec::new();
+    for (cpu, data) in cpu_data.iter().enumerate() {
+        let path = dir.join(format!("cpu{cpu}.raw"));
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(data)
+            .unwrap();
+        files.push(std::fs::File::open(&path).unwrap());
+    }
+    let cpus: Vec<_> = files
+        .iter()
+        .zip(cpu_data)
+        .map(|(file, data)| tvctl::tracedat::CpuData {
+            file,
+            len: u64::try_from(data.len()).unwrap(),
+        })
+        .collect();
+    let path = dir.join("trace.dat");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let summary = tvctl::tracedat::write_trace_dat(&mut out, meta, &cpus).unwrap();
+    (path, summary)
+}
