@@ -52,18 +52,20 @@ kvm_device_like_udev() {
 
 start_daemons() {
   mkdir -p /run/libvirt
-  if ! running virtlogd; then
-    echo "install-deps: starting virtlogd"
-    virtlogd -d
-  fi
-  if ! running libvirtd; then
-    echo "install-deps: starting libvirtd"
-    libvirtd -d
-  fi
   local i
+  # (Re)start inside the loop: a daemon that is still shutting down (just killed) looks
+  # "running" for a moment; once it is gone it is started again.
   for i in $(seq 1 60); do
-    if virsh -c qemu:///system version >/dev/null 2>&1; then
+    if virsh -c qemu:///system version >/dev/null 2>&1 && running virtlogd; then
       return 0
+    fi
+    if ! running virtlogd; then
+      echo "install-deps: starting virtlogd"
+      virtlogd -d
+    fi
+    if ! running libvirtd; then
+      echo "install-deps: starting libvirtd"
+      libvirtd -d
     fi
     sleep 0.5
   done
