@@ -71,10 +71,10 @@ impl Progress {
     }
 
     /// Refreshes the display from the streams' counters.
-    pub fn update(&mut self, streams: &[CpuStream], elapsed: Duration, lost: u64, note: &str) {
+    pub fn update(&mut self, streams: &[CpuStream], elapsed: Duration, lost: u64) {
         if let Some(h) = &self.header {
             h.set_message(format!(
-                "recording {:>6.1}s  lost events so far: {lost}{note}",
+                "recording {:>6.1}s  lost events so far: {lost}  (Ctrl-C stops)",
                 elapsed.as_secs_f64()
             ));
         }

@@ -12,9 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::control::{random_u64, ControlChannel, ControlError};
-use crate::proto::{
-    Message, MetadataAssembler, MetadataError, RecordRequest, Started, StopReason, Stopped,
-};
+use crate::proto::{Message, MetadataAssembler, MetadataError, RecordRequest, Started, Stopped};
 
 use super::stream::{CpuStream, StreamOutcome};
 
@@ -342,11 +340,4 @@ pub enum StopOutcome {
         streams: StreamResults,
         error: Option<RecordError>,
     },
-}
-
-impl Finished {
-    /// True when the agent stopped because its command ended.
-    pub fn command_ended(&self) -> bool {
-        self.stopped.reason == StopReason::CommandExited
-    }
 }

@@ -266,51 +266,11 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
 
     // Record until something says stop.
     let start = Instant::now();
-    let mut scanners: BTreeMap<u32, LossScanner> = BTreeMap::new();
-    let mut layout: Option<PageLayout> = None;
-    let mut last_state_check = Instant::now();
-    let cause = loop {
-        if signals() > 0 {
-            break StopCause::Interrupt;
-        }
-        if opts.duration.is_some_and(|d| start.elapsed() >= d) {
-            break StopCause::Duration;
-        }
-        match rec.poll_stopped(Duration::from_millis(200)) {
-            Ok(true) => break StopCause::Command,
-            Ok(false) => {}
-            Err(RecordError::Control(ControlError::Closed)) => break StopCause::DomainStopped,
-            Err(e) => {
-                progress.finish();
-                return Err(e.into());
-            }
-        }
-        if last_state_check.elapsed() >= Duration::from_millis(500) {
-            last_state_check = Instant::now();
-            if !dom.is_active().unwrap_or(true) {
-                break StopCause::DomainStopped;
-            }
-        }
-        if progress.is_enabled() {
-            if layout.is_none() {
-                layout = page_layout(rec.metadata_so_far(), rec.started_page_size());
-            }
-            let mut lost = 0;
-            if let Some(l) = &layout {
-                for s in rec.streams() {
-                    let sc = scanners
-                        .entry(s.cpu)
-                        .or_insert_with(|| LossScanner::new(&s.data_path));
-                    sc.scan(l, s.shared.received.load(Ordering::Relaxed));
-                    lost += sc.missed_events;
-                }
-            }
-            let note = if signals() > 0 {
-                "  (stopping; Ctrl-C again to stop waiting)"
-            } else {
-                ""
-            };
-            progress.update(rec.streams(), start.elapsed(), lost, note);
+    let cause = match record_until_stop(&mut rec, dom, opts.duration, &mut progress) {
+        Ok(c) => c,
+        Err(e) => {
+            progress.finish();
+            return Err(e.into());
         }
     };
     let elapsed_recording = start.elapsed();
@@ -327,7 +287,7 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
         }
         _ => {
             progress.println(&format!(
-                "stopping after {:.1} s",
+                "stopping after {:.1} s (Ctrl-C again to stop waiting)",
                 elapsed_recording.as_secs_f64()
             ));
             match stop_watching(rec, dom, signals_at_stop) {
@@ -432,6 +392,56 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
         notes,
     };
     Ok(TraceOutcome { summary })
+}
+
+/// Waits for a reason to stop (duration, Ctrl-C, the command's end, the domain stopping),
+/// refreshing the live display meanwhile.
+fn record_until_stop(
+    rec: &mut Recorder,
+    dom: &Dom,
+    duration: Option<Duration>,
+    progress: &mut Progress,
+) -> Result<StopCause, RecordError> {
+    let start = Instant::now();
+    let mut scanners: BTreeMap<u32, LossScanner> = BTreeMap::new();
+    let mut layout: Option<PageLayout> = None;
+    let mut last_state_check = Instant::now();
+    loop {
+        if signals() > 0 {
+            return Ok(StopCause::Interrupt);
+        }
+        if duration.is_some_and(|d| start.elapsed() >= d) {
+            return Ok(StopCause::Duration);
+        }
+        match rec.poll_stopped(Duration::from_millis(200)) {
+            Ok(true) => return Ok(StopCause::Command),
+            Ok(false) => {}
+            Err(RecordError::Control(ControlError::Closed)) => return Ok(StopCause::DomainStopped),
+            Err(e) => return Err(e),
+        }
+        if last_state_check.elapsed() >= Duration::from_millis(500) {
+            last_state_check = Instant::now();
+            if !dom.is_active().unwrap_or(true) {
+                return Ok(StopCause::DomainStopped);
+            }
+        }
+        if progress.is_enabled() {
+            if layout.is_none() {
+                layout = page_layout(rec.metadata_so_far(), rec.started_page_size());
+            }
+            let mut lost = 0;
+            if let Some(l) = &layout {
+                for s in rec.streams() {
+                    let sc = scanners
+                        .entry(s.cpu)
+                        .or_insert_with(|| LossScanner::new(&s.data_path));
+                    sc.scan(l, s.shared.received.load(Ordering::Relaxed));
+                    lost += sc.missed_events;
+                }
+            }
+            progress.update(rec.streams(), start.elapsed(), lost);
+        }
+    }
 }
 
 enum StopResult {
