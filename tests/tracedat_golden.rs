@@ -266,48 +266,36 @@ fn file_without_options_is_accepted_by_trace_cmd() {
     assert_eq!(TraceDatFile::open(&path).unwrap().meta(), &meta);
 }
 
-#[test]
-fn empty_header_page_is_refused() {
+/// Writes the golden page as CPU 0 (and, with `lens` longer than one, the same file again as
+/// further CPUs), announcing `lens[i]` bytes for CPU i; returns the writer's error.
+fn write_golden_page_err(meta: &TraceMeta, lens: &[u64]) -> TraceDatError {
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("cpu0.raw");
     fs::write(&page, golden_page()).unwrap();
     let page = File::open(&page).unwrap();
+    let mut out = File::create(dir.path().join("trace.dat")).unwrap();
+    let cpus: Vec<CpuData> = lens
+        .iter()
+        .map(|&len| CpuData { file: &page, len })
+        .collect();
+    write_trace_dat(&mut out, meta, &cpus).unwrap_err()
+}
+
+#[test]
+fn empty_header_page_is_refused() {
     let meta = TraceMeta {
         header_page: Vec::new(),
         ..golden_meta()
     };
-    let mut out = File::create(dir.path().join("trace.dat")).unwrap();
 
-    let err = write_trace_dat(
-        &mut out,
-        &meta,
-        &[CpuData {
-            file: &page,
-            len: 4096,
-        }],
-    )
-    .unwrap_err();
+    let err = write_golden_page_err(&meta, &[4096]);
 
     assert!(matches!(err, TraceDatError::HeaderPage(_)), "{err}");
 }
 
 #[test]
 fn partial_page_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let page = dir.path().join("cpu0.raw");
-    fs::write(&page, golden_page()).unwrap();
-    let page = File::open(&page).unwrap();
-    let mut out = File::create(dir.path().join("trace.dat")).unwrap();
-
-    let err = write_trace_dat(
-        &mut out,
-        &golden_meta(),
-        &[CpuData {
-            file: &page,
-            len: 100,
-        }],
-    )
-    .unwrap_err();
+    let err = write_golden_page_err(&golden_meta(), &[100]);
 
     assert!(
         matches!(
@@ -324,21 +312,7 @@ fn partial_page_is_refused() {
 
 #[test]
 fn cpu_file_shorter_than_its_length_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let page = dir.path().join("cpu0.raw");
-    fs::write(&page, golden_page()).unwrap();
-    let page = File::open(&page).unwrap();
-    let mut out = File::create(dir.path().join("trace.dat")).unwrap();
-
-    let err = write_trace_dat(
-        &mut out,
-        &golden_meta(),
-        &[CpuData {
-            file: &page,
-            len: 8192,
-        }],
-    )
-    .unwrap_err();
+    let err = write_golden_page_err(&golden_meta(), &[8192]);
 
     assert!(
         matches!(
@@ -355,23 +329,8 @@ fn cpu_file_shorter_than_its_length_is_an_error() {
 
 #[test]
 fn cpu_stats_count_must_match_the_cpus() {
-    let dir = tempfile::tempdir().unwrap();
-    let page = dir.path().join("cpu0.raw");
-    fs::write(&page, golden_page()).unwrap();
-    let page = File::open(&page).unwrap();
-    let mut out = File::create(dir.path().join("trace.dat")).unwrap();
-    let cpus = [
-        CpuData {
-            file: &page,
-            len: 4096,
-        },
-        CpuData {
-            file: &page,
-            len: 0,
-        },
-    ];
-
-    let err = write_trace_dat(&mut out, &golden_meta(), &cpus).unwrap_err();
+    // golden_meta() carries stats for one CPU; two are written.
+    let err = write_golden_page_err(&golden_meta(), &[4096, 0]);
 
     assert!(matches!(err, TraceDatError::InvalidMeta(_)), "{err}");
 }
