@@ -113,7 +113,7 @@ impl Agent {
                 Input::HostGone => {
                     if host_here {
                         log("host went away");
-                        self.end_session(StopReason::HostGone, false);
+                        self.end_session(StopReason::HostGone);
                         host_here = false;
                     }
                     std::thread::sleep(IDLE_LOOK);
@@ -181,7 +181,7 @@ impl Agent {
         if self.version.is_some() {
             self.send_error(ErrorCode::BadFrame, &format!("broken frame: {why}"));
         }
-        self.end_session(StopReason::AgentError, false);
+        self.end_session(StopReason::AgentError);
     }
 
     fn handle(&mut self, msg: Message) {
@@ -250,7 +250,7 @@ impl Agent {
             }
             Message::Close => {
                 log("host closed the session");
-                self.end_session(StopReason::HostRequest, false);
+                self.end_session(StopReason::HostRequest);
             }
             other => self.send_error(
                 ErrorCode::BadRequest,
@@ -262,7 +262,7 @@ impl Agent {
     fn hello(&mut self, h: &Hello) {
         if self.recording.is_some() {
             // A new host while a recording runs: the old host is gone. Clean up first.
-            self.end_session(StopReason::HostGone, false);
+            self.end_session(StopReason::HostGone);
         }
         let Some(version) = negotiate(h.min_version, h.max_version) else {
             self.version = None;
@@ -344,11 +344,10 @@ impl Agent {
         true
     }
 
-    /// Ends the session; a running recording is stopped and cleaned up (reported if `report`).
-    fn end_session(&mut self, reason: StopReason, report: bool) {
-        if report {
-            self.stop_and_report(reason);
-        } else if let Some(rec) = self.recording.take() {
+    /// Ends the session; a running recording is stopped and cleaned up, unreported (nobody to
+    /// tell).
+    fn end_session(&mut self, reason: StopReason) {
+        if let Some(rec) = self.recording.take() {
             let finished = rec.finish(reason);
             let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
             log(&format!(
