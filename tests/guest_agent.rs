@@ -223,3 +223,33 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     }
     again.close();
 }
+
+#[test]
+fn host_that_vanishes_mid_recording_leaves_the_agent_ready_and_clean() {
+    let vm = common::shared_vm("agent", VCPUS);
+
+    // Arrange: a recording under way, then the host disappears without Stop or Close.
+    let (cfg, _data) = config(&vm, &["sched:sched_switch", "irq:*"], &[]);
+    let rec = Recorder::start(cfg).unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
+    std::thread::sleep(Duration::from_secs(2));
+    let (_metadata, _streams) = rec.abandon_with_metadata(); // drops the control socket too
+
+    // Act: a new host; its readers drain what the old recording left in the FIFOs.
+    let (instances, instance) = guest_shell(
+        &vm,
+        "INSTANCES-AFTER-VANISH",
+        "ls /sys/kernel/tracing/instances | tr '\\n' ,",
+    );
+
+    // Assert: the agent noticed, cleaned up, and only the new session's instance exists.
+    assert!(
+        vm.console().contains("recording abandoned (HostGone)"),
+        "{}",
+        vm.console_report()
+    );
+    assert_eq!(
+        instances.trim_end_matches(','),
+        instance,
+        "stale instances left"
+    );
+}
