@@ -104,6 +104,29 @@ pub fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Waits up to `timeout` until `fd` has data. A hang-up without data (a FIFO with no writer
+/// reports one at once) also waits out `timeout`, so callers that loop never spin.
+pub fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(Errno::EINTR) => {
+            let hung_up = fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP) && !r.contains(PollFlags::POLLIN));
+            if hung_up {
+                std::thread::sleep(timeout);
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes all of `buf` to `fd`, waiting when it is non-blocking and full.
 pub fn write_all_fd(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {

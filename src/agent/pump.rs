@@ -17,9 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::zerocopy::{write_all_fd, Pulled, SplicePipe};
+use crate::zerocopy::{wait_readable, write_all_fd, Pulled, SplicePipe};
 
 /// How long a pump sleeps in poll(2) when its buffer has no full page. The kernel wakes
 /// pollers only when the buffer is `buffer_percent` full, so this bounds the latency.
@@ -174,7 +173,7 @@ fn pump(cfg: &PumpConfig, shared: &PumpShared, outcome: &mut PumpOutcome) -> io:
         if stopping {
             break;
         }
-        wait_readable(&raw)?;
+        wait_readable(raw.as_fd(), IDLE_POLL)?;
     }
 
     // Tracing is off: whatever is left is a partly filled page per CPU at most; read(2)
@@ -202,14 +201,5 @@ fn copy_page(raw: &File, port: &File, page: &mut [u8]) -> io::Result<usize> {
             Err(Errno::EAGAIN) => return Ok(0),
             Err(e) => return Err(e.into()),
         }
-    }
-}
-
-fn wait_readable(raw: &File) -> io::Result<()> {
-    let mut fds = [PollFd::new(raw.as_fd(), PollFlags::POLLIN)];
-    let ms = u16::try_from(IDLE_POLL.as_millis()).unwrap_or(u16::MAX);
-    match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }

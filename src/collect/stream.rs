@@ -18,15 +18,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::proto::StreamMarker;
-use crate::zerocopy::{write_all_fd, Pulled, SplicePipe};
+use crate::zerocopy::{wait_readable, write_all_fd, Pulled, SplicePipe};
 
 /// Byte target meaning "not known yet".
 const UNKNOWN: u64 = u64::MAX;
 /// poll(2) timeout while waiting for data: bounds how late a cancel or a target is seen.
-const POLL_MS: u16 = 50;
+const POLL_MS: u64 = 50;
 /// How much the seeking phase reads at a time.
 const SEEK_READ: usize = 64 * 1024;
 
@@ -239,7 +238,9 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
                 pipe.push_all(out, n)?;
                 shared.received.fetch_add(n as u64, Ordering::SeqCst);
             }
-            Pulled::WouldBlock | Pulled::Eof => wait_readable(fifo)?,
+            Pulled::WouldBlock | Pulled::Eof => {
+                wait_readable(fifo.as_fd(), Duration::from_millis(POLL_MS))?
+            }
         }
     }
 }
@@ -271,30 +272,13 @@ fn read_some(fifo: &File, buf: &mut [u8]) -> io::Result<Option<usize>> {
     match nix::unistd::read(fifo.as_fd(), buf) {
         Ok(0) => {
             // No writer (QEMU not running yet): wait like for no data.
-            wait_readable(fifo)?;
+            wait_readable(fifo.as_fd(), Duration::from_millis(POLL_MS))?;
             Ok(None)
         }
         Ok(n) => Ok(Some(n)),
         Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-            wait_readable(fifo)?;
+            wait_readable(fifo.as_fd(), Duration::from_millis(POLL_MS))?;
             Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn wait_readable(fifo: &File) -> io::Result<()> {
-    let mut fds = [PollFd::new(fifo.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::from(POLL_MS)) {
-        Ok(_) | Err(Errno::EINTR) => {
-            // With no writer, poll reports POLLHUP at once: sleep instead of spinning.
-            if fds[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLHUP) && !r.contains(PollFlags::POLLIN))
-            {
-                std::thread::sleep(Duration::from_millis(u64::from(POLL_MS)));
-            }
-            Ok(())
         }
         Err(e) => Err(e.into()),
     }
