@@ -141,8 +141,8 @@ impl TestVm {
     pub fn wait_console_line(&self, needle: &str, timeout: Duration) -> String {
         let start = Instant::now();
         loop {
-            if let Some(line) = self.console().lines().find(|l| l.contains(needle)) {
-                return line.to_string();
+            if let Some(line) = self.complete_console_lines().find(|l| l.contains(needle)) {
+                return line;
             }
             if start.elapsed() > timeout {
                 panic!(
@@ -155,10 +155,21 @@ impl TestVm {
         }
     }
 
+    /// The console's lines that end in a newline: the serial console is written a few bytes
+    /// at a time, so the last line may still be growing.
+    fn complete_console_lines(&self) -> impl Iterator<Item = String> {
+        let text = self.console();
+        let done = text.rfind('\n').map_or(0, |i| i + 1);
+        text[..done]
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
     /// Lines of the console log containing `needle`.
     pub fn console_count(&self, needle: &str) -> usize {
-        self.console()
-            .lines()
+        self.complete_console_lines()
             .filter(|l| l.contains(needle))
             .count()
     }
