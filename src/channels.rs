@@ -458,7 +458,7 @@ impl DomainFolder {
 }
 
 /// The vCPU of a FIFO file name `trace-path-cpuN.in` / `.out`, if it is one.
-fn cpu_of_fifo_name(name: &str) -> Option<u32> {
+pub fn cpu_of_fifo_name(name: &str) -> Option<u32> {
     let stem = name
         .strip_suffix(".in")
         .or_else(|| name.strip_suffix(".out"))?;

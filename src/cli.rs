@@ -94,6 +94,10 @@ pub struct TraceArgs {
     /// Seconds to wait for the guest agent (boot included)
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub agent_timeout: f64,
+    /// Keep at most this much trace data (all CPUs), e.g. 500M, 2G; reaching it stops the
+    /// recording like --duration
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
     /// Command to run in the guest while tracing; its end stops the trace
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -135,8 +139,37 @@ impl TraceArgs {
             boot: !self.no_boot,
             agent_timeout: secs("--agent-timeout", self.agent_timeout)?,
             progress: true,
+            max_size: self.max_size,
         })
     }
+}
+
+/// A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024), at least
+/// one page (4 KiB).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?}: give a size such as 4096, 500M or 2G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: give a size such as 4096, 500M or 2G"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 4096 {
+        return Err(format!("{text:?}: give at least one page (4K)"));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -225,6 +258,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 setup::require_root("setup")?;
             }
             let hv = Hypervisor::connect(&config.uri)?;
+            let _lock = (!args.dry_run)
+                .then(|| lock_domain(&hv, &config.dir, &args.domain))
+                .transpose()?;
             let options = SetupOptions {
                 dry_run: args.dry_run,
                 live: args.live,
@@ -239,6 +275,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 setup::require_root("teardown")?;
             }
             let hv = Hypervisor::connect(&config.uri)?;
+            let _lock = (!args.dry_run)
+                .then(|| lock_domain(&hv, &config.dir, &args.domain))
+                .transpose()?;
             let options = TeardownOptions {
                 dry_run: args.dry_run,
             };
@@ -256,6 +295,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let mut options = args.validate()?;
             let hv = Hypervisor::connect(&config.uri)?;
             let dom = hv.lookup(&args.domain)?;
+            // Before anything is checked or opened: a second trace must not touch the FIFOs.
+            let _lock = crate::lock::DomainLock::acquire(&config.dir, &dom.name())?;
             options.domain_dir = crate::trace::prepare(&hv, &config.dir, &dom, args.setup)?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;
             let outcome = crate::trace::run(&dom, &options)?;
@@ -263,6 +304,19 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(outcome.exit_code())
         }
     }
+}
+
+/// Holds `spec`'s domain against other tvctl runs (see [`crate::lock`]). An unknown domain
+/// is left for the command itself to report.
+fn lock_domain(
+    hv: &Hypervisor,
+    root: &std::path::Path,
+    spec: &str,
+) -> anyhow::Result<Option<crate::lock::DomainLock>> {
+    let Ok(dom) = hv.lookup(spec) else {
+        return Ok(None);
+    };
+    Ok(Some(crate::lock::DomainLock::acquire(root, &dom.name())?))
 }
 
 /// Prints `report` as JSON or, unless quiet, for people.
@@ -310,6 +364,9 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
         }
         if let Some(e) = cause.downcast_ref::<crate::trace::TraceError>() {
             return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::lock::LockError>() {
+            return crate::lock::DomainLock::exit_code(e);
         }
         if cause.downcast_ref::<UsageError>().is_some() {
             return ExitCode::Usage;

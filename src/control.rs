@@ -36,6 +36,8 @@ pub enum ControlError {
     Refused(crate::proto::ErrorCode, String),
     #[error("the agent sent {0} where {1} was expected")]
     Unexpected(String, &'static str),
+    #[error("interrupted (Ctrl-C or SIGTERM) while waiting for the guest agent")]
+    Interrupted,
 }
 
 impl ControlError {
@@ -56,10 +58,19 @@ pub struct ControlChannel {
 impl ControlChannel {
     /// Connects to `socket` (retrying until `deadline`: QEMU may not have bound it yet) and
     /// handshakes. The agent polls for hosts every ~100 ms, so the Hello is re-sent until the
-    /// answer with our nonce arrives.
-    pub fn connect(socket: &Path, software: &str, timeout: Duration) -> Result<Self, ControlError> {
+    /// answer with our nonce arrives. `interrupted()` is asked every 100 ms: Ctrl-C must end
+    /// every wait.
+    pub fn connect(
+        socket: &Path,
+        software: &str,
+        timeout: Duration,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Self, ControlError> {
         let deadline = Instant::now() + timeout;
         let sock = loop {
+            if interrupted() {
+                return Err(ControlError::Interrupted);
+            }
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline => {
@@ -101,20 +112,28 @@ impl ControlChannel {
             software: software.to_string(),
             nonce,
         });
-        // Bytes sent while the agent was between sessions may be lost; resend every second.
+        // Bytes sent while the agent was between sessions may be lost, so a Hello may go
+        // unanswered; but every Hello that arrives is answered, so one is resent only after a
+        // quiet while (not every second: a booting guest would answer dozens at once).
         let mut next_send = Instant::now();
+        let mut resend_after = Duration::from_secs(1);
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ControlError::Timeout(timeout));
             }
+            if interrupted() {
+                return Err(ControlError::Interrupted);
+            }
             if now >= next_send {
                 chan.send(&hello)?;
-                next_send = now + Duration::from_secs(1);
+                next_send = now + resend_after;
+                resend_after = (resend_after * 2).min(Duration::from_secs(4));
             }
             let wait = next_send
                 .min(deadline)
-                .saturating_duration_since(Instant::now());
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
             match chan.recv(wait.max(Duration::from_millis(1))) {
                 Ok(Message::HelloReply(r)) if r.nonce == nonce => {
                     chan.version = r.version;
@@ -126,6 +145,11 @@ impl ControlChannel {
                 }
                 Ok(_) => {} // stale: an earlier session's reply
                 Err(ControlError::Timeout(_)) => {}
+                // Bytes of an earlier connection, or garbage: skip to the next frame
+                // (docs/protocol.md §9) and keep waiting for our nonce.
+                Err(ControlError::Protocol(_)) => {
+                    chan.decoder.resync();
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -177,16 +201,30 @@ impl ControlChannel {
         }
     }
 
-    /// Sends `msg` and waits for the first reply that is not a stray Pong or Metadata.
-    pub fn request(&mut self, msg: &Message, timeout: Duration) -> Result<Message, ControlError> {
+    /// Sends `msg` and waits for the first reply that is not a late `HelloReply` (the agent
+    /// answers every Hello it received, also those of the handshake's retries). Asks
+    /// `interrupted()` every 100 ms.
+    pub fn request(
+        &mut self,
+        msg: &Message,
+        timeout: Duration,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Message, ControlError> {
         self.send(msg)?;
         let deadline = Instant::now() + timeout;
         loop {
+            if interrupted() {
+                return Err(ControlError::Interrupted);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.recv(left)? {
-                Message::Error(e) => return Err(ControlError::refused(e)),
-                Message::HelloReply(_) => continue,
-                other => return Ok(other),
+            if left.is_zero() {
+                return Err(ControlError::Timeout(timeout));
+            }
+            match self.recv(left.min(Duration::from_millis(100))) {
+                Ok(Message::Error(e)) => return Err(ControlError::refused(e)),
+                Ok(Message::HelloReply(_)) | Err(ControlError::Timeout(_)) => continue,
+                Ok(other) => return Ok(other),
+                Err(e) => return Err(e),
             }
         }
     }

@@ -446,8 +446,76 @@ fn describe(attribute: &str, value: Option<&str>) -> String {
     })
 }
 
+/// Where the domain's serial console is logged, if to a file: the `<source path>` of a
+/// `<serial type='file'>` (or `<console type='file'>`), else a `<log file>` of either. The
+/// first place to look when a guest stops answering.
+pub fn console_log_path(xml: &str) -> Option<String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut depth = 0usize;
+    // The depth of the open <serial>/<console>, and whether its type is 'file'.
+    let mut inside: Option<(usize, bool)> = None;
+    let mut log_file = None;
+    loop {
+        let event = reader.read_event().ok()?;
+        match &event {
+            Event::Start(tag) | Event::Empty(tag) => {
+                let opens = matches!(event, Event::Start(_));
+                let attr = |key: &str| {
+                    tag.try_get_attribute(key)
+                        .ok()
+                        .flatten()
+                        .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+                };
+                match (inside, tag.name().as_ref()) {
+                    (None, b"serial" | b"console") if opens => {
+                        inside = Some((depth + 1, attr("type").as_deref() == Some("file")));
+                    }
+                    (Some((_, true)), b"source") => {
+                        if let Some(path) = attr("path") {
+                            return Some(path);
+                        }
+                    }
+                    (Some(_), b"log") => log_file = log_file.or_else(|| attr("file")),
+                    _ => {}
+                }
+                if opens {
+                    depth += 1;
+                }
+            }
+            Event::End(_) => {
+                if inside.is_some_and(|(d, _)| d == depth) {
+                    inside = None;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            Event::Eof => return log_file,
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn console_log_path_is_the_file_serial_source_else_a_log_file() {
+        let file = "<domain><devices><serial type='pty'><log file='/l/pty.log'/></serial>\
+                    <serial type='file'><source path='/var/log/c&amp;d.log'/></serial>\
+                    </devices></domain>";
+        assert_eq!(
+            super::console_log_path(file).as_deref(),
+            Some("/var/log/c&d.log")
+        );
+        let log_only = "<domain><devices><disk><source file='/x'/></disk>\
+                        <serial type='pty'><source path='/dev/pts/3'/><log file='/l/pty.log'/></serial>\
+                        </devices></domain>";
+        assert_eq!(
+            super::console_log_path(log_only).as_deref(),
+            Some("/l/pty.log")
+        );
+        assert_eq!(super::console_log_path("<domain/>"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -17,7 +17,10 @@
 //! | 10 | `DomainStopped` | the domain stopped during a recording |
 //! | 11 | `OutputNotWritable` | the output could not be written (disk full, ...) |
 //! | 12 | `AgentRefused` | the guest agent refused the request (unknown event or clock, bad size) |
-//! | 130 | `Interrupted` | trace: Ctrl-C twice; the file holds what had arrived |
+//! | 13 | `GuestMisbehaved` | the guest broke the protocol or a limit; the good data is written |
+//! | 14 | `Incomplete` | a stream fell short or the agent stopped answering; the file holds what arrived |
+//! | 15 | `Busy` | another tvctl holds the domain (trace, setup or teardown) |
+//! | 130 | `Interrupted` | trace: Ctrl-C twice (once before recording); a file holds what had arrived |
 
 use std::fmt::Write as _;
 
@@ -39,13 +42,16 @@ pub enum ExitCode {
     DomainStopped = 10,
     OutputNotWritable = 11,
     AgentRefused = 12,
+    GuestMisbehaved = 13,
+    Incomplete = 14,
+    Busy = 15,
     /// 128 + SIGINT, as shells report a process killed by Ctrl-C.
     Interrupted = 130,
 }
 
 impl ExitCode {
     /// All codes in numeric order: the rows of the table.
-    pub const ALL: [ExitCode; 14] = [
+    pub const ALL: [ExitCode; 17] = [
         ExitCode::Ok,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -59,6 +65,9 @@ impl ExitCode {
         ExitCode::DomainStopped,
         ExitCode::OutputNotWritable,
         ExitCode::AgentRefused,
+        ExitCode::GuestMisbehaved,
+        ExitCode::Incomplete,
+        ExitCode::Busy,
         ExitCode::Interrupted,
     ];
 
@@ -89,8 +98,17 @@ impl ExitCode {
             ExitCode::AgentRefused => {
                 "trace: the guest agent refused the request (unknown event or clock, bad buffer size)"
             }
+            ExitCode::GuestMisbehaved => {
+                "trace: the guest broke the protocol or a limit (bad page size, CPU list, metadata, pages, too much data); the file holds the good data"
+            }
+            ExitCode::Incomplete => {
+                "trace: the recording is incomplete (a stream fell short of the agent's count, or the agent stopped answering); the file holds what arrived"
+            }
+            ExitCode::Busy => {
+                "another tvctl holds the domain (trace, setup or teardown): wait for it or stop it"
+            }
             ExitCode::Interrupted => {
-                "trace: Ctrl-C twice: stopped waiting; the file holds what had arrived"
+                "trace: Ctrl-C or SIGTERM twice (once before the recording started): stopped waiting; a file holds what had arrived"
             }
         }
     }
@@ -138,6 +156,9 @@ mod tests {
         assert_eq!(ExitCode::DomainStopped.code(), 10);
         assert_eq!(ExitCode::OutputNotWritable.code(), 11);
         assert_eq!(ExitCode::AgentRefused.code(), 12);
+        assert_eq!(ExitCode::GuestMisbehaved.code(), 13);
+        assert_eq!(ExitCode::Incomplete.code(), 14);
+        assert_eq!(ExitCode::Busy.code(), 15);
         assert_eq!(ExitCode::Interrupted.code(), 130);
     }
 

@@ -39,6 +39,8 @@ pub mod exitcode;
 #[cfg(feature = "host")]
 pub mod libvirt;
 #[cfg(feature = "host")]
+pub mod lock;
+#[cfg(feature = "host")]
 pub mod setup;
 #[cfg(feature = "host")]
 pub mod trace;

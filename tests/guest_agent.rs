@@ -140,8 +140,13 @@ fn record_on_every_vcpu_gives_exact_whole_pages_and_leaves_the_guest_clean() {
 #[test]
 fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     let vm = common::shared_vm("agent", VCPUS);
-    let mut chan = ControlChannel::connect(&vm.control_socket(), "test", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
+    let mut chan = ControlChannel::connect(
+        &vm.control_socket(),
+        "test",
+        Duration::from_secs(30),
+        &mut || false,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
     let record = |events: &[&str], buffer_kb: Option<u32>, clock: Option<&str>| {
         Message::RecordRequest(tvctl::proto::RecordRequest {
             events: events.iter().map(|s| s.to_string()).collect(),
@@ -152,7 +157,7 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         })
     };
     let expect_refusal = |chan: &mut ControlChannel, msg: &Message, want: ErrorCode| match chan
-        .request(msg, Duration::from_secs(30))
+        .request(msg, Duration::from_secs(30), &mut || false)
     {
         Err(ControlError::Refused(code, text)) => assert_eq!(code, want, "{text}"),
         other => panic!("expected {want:?}, got {other:?}\n{}", vm.console_report()),
@@ -190,7 +195,11 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         other => panic!("expected Error, got {other:?}"),
     }
     match chan
-        .request(&Message::Ping(Ping { nonce: 9 }), Duration::from_secs(30))
+        .request(
+            &Message::Ping(Ping { nonce: 9 }),
+            Duration::from_secs(30),
+            &mut || false,
+        )
         .expect("pong")
     {
         Message::Pong(p) => assert_eq!(p.nonce, 9),
@@ -207,15 +216,24 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         other => panic!("expected Error BadFrame, got {other:?}"),
     }
     chan.close();
-    let mut again = ControlChannel::connect(&vm.control_socket(), "test", Duration::from_secs(30))
-        .unwrap_or_else(|e| {
-            panic!(
-                "agent stopped serving after garbage: {e}\n{}",
-                vm.console_report()
-            )
-        });
+    let mut again = ControlChannel::connect(
+        &vm.control_socket(),
+        "test",
+        Duration::from_secs(30),
+        &mut || false,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "agent stopped serving after garbage: {e}\n{}",
+            vm.console_report()
+        )
+    });
     match again
-        .request(&Message::Ping(Ping { nonce: 11 }), Duration::from_secs(30))
+        .request(
+            &Message::Ping(Ping { nonce: 11 }),
+            Duration::from_secs(30),
+            &mut || false,
+        )
         .expect("pong")
     {
         Message::Pong(p) => assert_eq!(p.nonce, 11),

@@ -42,6 +42,8 @@ fn example() -> TraceSummary {
         total_events: 180,
         total_lost_events: 0,
         complete: true,
+        max_size: Some(1 << 30),
+        guest_problems: vec!["guest metadata \"junk\" dropped: not a documented file name".into()],
         notes: vec![],
     }
 }
@@ -83,6 +85,9 @@ fn stop_causes_have_their_documented_names() {
         (StopCause::DomainStopped, "domain-stopped"),
         (StopCause::Abandoned, "abandoned"),
         (StopCause::AgentError, "agent-error"),
+        (StopCause::AgentLost, "agent-lost"),
+        (StopCause::MaxSize, "max-size"),
+        (StopCause::GuestMisbehaved, "guest-misbehaved"),
     ] {
         assert_eq!(serde_json::to_value(cause).unwrap(), name);
     }

@@ -4,6 +4,7 @@
 //! its own ([`stream::CpuStream`]): FIFOs have no readiness that crosses CPUs, a thread per
 //! CPU keeps each splice loop trivial, and guests have few vCPUs.
 
+pub mod guest_input; // the boundary with the untrusted guest: checked, cleaned, bounded
 pub mod progress; // the live display on a terminal; lost events counted from page headers
 pub mod recorder; // one recording: FIFO readers, control session, stop and drain
 pub mod stream; // one CPU: FIFO → marker search → splice to the data file, exact byte count

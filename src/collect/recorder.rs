@@ -5,16 +5,35 @@
 //! then handshakes, sends the request, and waits for `Started`. Stopping sends `Stop`,
 //! collects the metadata, and gives each reader the byte count from `Stopped`; the data is
 //! complete when every reader has reached its count.
+//!
+//! Everything the agent sends passes through [`super::guest_input`] before it is used, and
+//! every wait is bounded: by the caller's `Watch` (Ctrl-C, the domain stopping), by the
+//! agent's silence (no message and no data for [`SILENCE_LIMIT`], while the domain is not
+//! paused), and by an overall deadline.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::control::{random_u64, ControlChannel, ControlError};
-use crate::proto::{Message, MetadataAssembler, MetadataError, RecordRequest, Started, Stopped};
+use crate::proto::limits::DRAIN_SLACK;
+use crate::proto::{ErrorCode, Message, Ping, RecordRequest};
 
-use super::stream::{CpuStream, StreamOutcome};
+use super::guest_input::{
+    clean_text, GuestError, GuestHello, GuestProblems, GuestStarted, GuestStopped, MetadataInbox,
+};
+use super::stream::{ByteBudget, CpuStream, StreamOutcome};
+
+/// How long the agent may stay silent (no message, no stream data) while the domain runs
+/// before the host concludes it died or the guest locked up. The agent answers a `Ping` in
+/// 20–120 ms under TCG; a second is sent every second.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// How often the host pings the agent while recording.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Slice of every wait loop: bounds how late Ctrl-C or a dead domain is noticed.
+const SLICE: Duration = Duration::from_millis(100);
 
 /// What a recording needs.
 #[derive(Debug, Clone)]
@@ -31,11 +50,13 @@ pub struct RecorderConfig {
     pub command: Vec<String>,
     /// How long to wait for the agent to answer the handshake.
     pub connect_timeout: Duration,
-    /// How long to wait for any other reply.
+    /// How long to wait for `Started`, and for `Stopped` after `Stop`.
     pub reply_timeout: Duration,
+    /// `--max-size`: most bytes of trace data to keep, all CPUs together.
+    pub max_bytes: Option<u64>,
 }
 
-/// Errors of a recording.
+/// Errors that end a recording before it started.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error(transparent)]
@@ -48,37 +69,69 @@ pub enum RecordError {
     },
     #[error("no trace-path-cpuN.out FIFOs in {0}: run `tvctl setup` for this domain")]
     NoFifos(PathBuf),
-    #[error("the guest sent bad metadata: {0}")]
-    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+/// What the caller's watch says, asked every [`SLICE`] in every wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Nothing happened: keep waiting.
+    Go,
+    /// The domain is paused (`virsh suspend`): the agent's silence is excused.
+    Paused,
+    /// Stop waiting and keep what arrived (a second Ctrl-C).
+    Abandon,
+    /// The domain stopped.
+    DomainGone,
+}
+
+/// How the stop phase ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopEnd {
+    /// `Stopped` arrived; the streams were read to their counts (or to the drain bound).
+    Finished,
+    /// The caller's watch said so.
+    Watched(Watch),
+    /// The agent stopped answering, or closed the channel.
+    AgentLost(String),
+    /// The control channel failed (an I/O or framing error).
+    Failed(String),
+}
+
+/// Everything a recording produced, whole or not.
+#[derive(Debug)]
+pub struct Collected {
+    pub metadata: BTreeMap<String, Vec<u8>>,
+    pub stopped: Option<GuestStopped>,
+    pub streams: Vec<(StreamOutcome, PathBuf)>,
+    pub end: StopEnd,
+    /// What the guest did wrong (its rules broken), for the summary and exit code 13.
+    pub problems: GuestProblems,
+    /// `Error` messages the agent sent while recording (cleaned).
+    pub agent_errors: Vec<String>,
 }
 
 /// A recording in progress.
 pub struct Recorder {
     chan: ControlChannel,
     streams: Vec<CpuStream>,
-    pub started: Started,
+    pub hello: GuestHello,
+    pub started: GuestStarted,
     pub stream_nonce: u64,
     cfg: RecorderConfig,
-    /// A `Stopped` that arrived on its own (the guest command ended), with its metadata.
-    early_stop: Option<(BTreeMap<String, Vec<u8>>, Stopped)>,
-    assembler: MetadataAssembler,
-    page_size: u32,
+    /// A `Stopped` that arrived on its own (the guest command ended).
+    early_stop: Option<crate::proto::Stopped>,
+    inbox: MetadataInbox,
+    problems: GuestProblems,
+    agent_errors: Vec<String>,
+    budget: Option<Arc<ByteBudget>>,
+    last_heard: Instant,
+    next_ping: Instant,
 }
 
-/// Guest metadata files by name (docs/protocol.md lists the names).
-pub type MetadataFiles = BTreeMap<String, Vec<u8>>;
-/// Each CPU's stream outcome with the path of its data file.
-pub type StreamResults = Vec<(StreamOutcome, PathBuf)>;
-
-/// A finished recording.
-#[derive(Debug)]
-pub struct Finished {
-    pub metadata: BTreeMap<String, Vec<u8>>,
-    pub stopped: Stopped,
-    pub streams: Vec<(StreamOutcome, PathBuf)>,
-}
-
-/// CPU numbers N with a `trace-path-cpuN.out` FIFO in `dir`.
+/// CPU numbers N with a `trace-path-cpuN.out` FIFO in `dir` (names as `tvctl setup` makes
+/// them: the same parser as setup's).
 pub fn fifo_cpus(dir: &Path) -> Vec<u32> {
     let mut cpus: Vec<u32> = std::fs::read_dir(dir)
         .into_iter()
@@ -86,10 +139,8 @@ pub fn fifo_cpus(dir: &Path) -> Vec<u32> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            name.strip_prefix("trace-path-cpu")?
-                .strip_suffix(".out")?
-                .parse()
-                .ok()
+            name.strip_suffix(".out")?;
+            crate::channels::cpu_of_fifo_name(&name)
         })
         .collect();
     cpus.sort_unstable();
@@ -97,79 +148,91 @@ pub fn fifo_cpus(dir: &Path) -> Vec<u32> {
 }
 
 impl Recorder {
-    /// Opens the FIFOs, handshakes, asks the agent to record, waits for `Started`.
-    pub fn start(cfg: RecorderConfig) -> Result<Recorder, RecordError> {
+    /// Opens the FIFOs, handshakes, asks the agent to record, waits for `Started`. `watch` is
+    /// asked every 100 ms; anything but `Go`/`Paused` ends the wait with
+    /// [`ControlError::Interrupted`].
+    pub fn start(
+        cfg: RecorderConfig,
+        watch: &mut dyn FnMut() -> Watch,
+    ) -> Result<Recorder, RecordError> {
         let cpus = fifo_cpus(&cfg.fifo_dir);
         if cpus.is_empty() {
             return Err(RecordError::NoFifos(cfg.fifo_dir.clone()));
         }
         let stream_nonce = random_u64();
+        let budget = cfg.max_bytes.map(|b| Arc::new(ByteBudget::new(b)));
         let mut streams = Vec::new();
-        for cpu in cpus {
+        for &cpu in &cpus {
             let fifo = cfg.fifo_dir.join(format!("trace-path-cpu{cpu}.out"));
             let data = cfg.data_dir.join(format!("cpu{cpu}.data"));
-            let s = CpuStream::start(cpu, &fifo, &data, stream_nonce)
-                .map_err(|source| RecordError::Fifo { path: fifo, source })?;
-            streams.push(s);
+            match CpuStream::start(cpu, &fifo, &data, stream_nonce, budget.clone()) {
+                Ok(s) => streams.push(s),
+                Err(source) => {
+                    cancel_all(&streams);
+                    return Err(RecordError::Fifo { path: fifo, source });
+                }
+            }
         }
-        let cancel_all = |streams: &[CpuStream]| {
-            for s in streams {
-                s.shared.cancel.store(true, Ordering::SeqCst);
+        let mut interrupted = || !matches!(watch(), Watch::Go | Watch::Paused);
+        let started = (|| {
+            let mut chan = ControlChannel::connect(
+                &cfg.socket,
+                concat!("tvctl ", env!("CARGO_PKG_VERSION")),
+                cfg.connect_timeout,
+                &mut interrupted,
+            )?;
+            let hello = GuestHello::check(&chan.hello)?;
+            let request = Message::RecordRequest(RecordRequest {
+                events: cfg.events.clone(),
+                buffer_kb: cfg.buffer_kb,
+                clock: cfg.clock.clone(),
+                command: cfg.command.clone(),
+                stream_nonce,
+            });
+            match chan.request(&request, cfg.reply_timeout, &mut interrupted)? {
+                Message::Started(s) => Ok((chan, hello, s)),
+                other => Err(RecordError::Control(ControlError::Unexpected(
+                    format!("{:?}", other.kind()),
+                    "Started",
+                ))),
             }
-        };
-        let mut chan = match ControlChannel::connect(
-            &cfg.socket,
-            concat!("tvctl ", env!("CARGO_PKG_VERSION")),
-            cfg.connect_timeout,
-        ) {
-            Ok(c) => c,
+        })();
+        let (chan, hello, started) = match started {
+            Ok(v) => v,
             Err(e) => {
                 cancel_all(&streams);
-                return Err(e.into());
+                return Err(e);
             }
         };
-        let request = Message::RecordRequest(RecordRequest {
-            events: cfg.events.clone(),
-            buffer_kb: cfg.buffer_kb,
-            clock: cfg.clock.clone(),
-            command: cfg.command.clone(),
-            stream_nonce,
-        });
-        let started = match chan.request(&request, cfg.reply_timeout) {
-            Ok(Message::Started(s)) => s,
-            Ok(other) => {
-                cancel_all(&streams);
-                return Err(
-                    ControlError::Unexpected(format!("{:?}", other.kind()), "Started").into(),
-                );
-            }
-            Err(e) => {
-                cancel_all(&streams);
-                return Err(e.into());
-            }
-        };
+        let mut problems = GuestProblems::default();
+        let started = GuestStarted::check(&started, &cpus, &mut problems);
         // Streams of CPUs the agent does not record will never see a marker.
         for s in &streams {
             if !started.cpus.contains(&s.cpu) {
                 s.shared.cancel.store(true, Ordering::SeqCst);
             }
         }
-        let page_size = chan.hello.page_size;
+        let now = Instant::now();
         Ok(Recorder {
             chan,
             streams,
+            hello,
             started,
             stream_nonce,
             cfg,
             early_stop: None,
-            assembler: MetadataAssembler::new(),
-            page_size,
+            inbox: MetadataInbox::new(),
+            problems,
+            agent_errors: Vec::new(),
+            budget,
+            last_heard: now,
+            next_ping: now,
         })
     }
 
-    /// The guest's page size, from its HelloReply.
-    pub fn started_page_size(&self) -> u32 {
-        self.page_size
+    /// The guest's page size, from its (checked) HelloReply.
+    pub fn page_size(&self) -> u32 {
+        self.hello.page_size
     }
 
     /// Per-CPU readers (for progress).
@@ -177,16 +240,45 @@ impl Recorder {
         &self.streams
     }
 
-    /// Metadata files complete so far (the static batch arrives right after `Started`).
+    /// Metadata files accepted so far (the static batch arrives right after `Started`).
     pub fn metadata_so_far(&self) -> &BTreeMap<String, Vec<u8>> {
-        match &self.early_stop {
-            Some((files, _)) => files,
-            None => self.assembler.files(),
-        }
+        self.inbox.files()
     }
 
-    /// Waits up to `timeout` for the agent to stop on its own (its command ended). True once
-    /// it has; then [`Recorder::stop`] only collects.
+    /// True once `--max-size` worth of data has been kept.
+    pub fn size_cap_reached(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.exhausted())
+    }
+
+    /// True once the guest broke so many rules that the host should stop listening.
+    pub fn guest_gave_up_on(&self) -> bool {
+        self.problems.too_many()
+    }
+
+    /// How long the agent has said nothing.
+    pub fn silent_for(&self) -> Duration {
+        self.last_heard.elapsed()
+    }
+
+    /// Excuses the agent's silence so far (the domain is paused).
+    pub fn excuse_silence(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// Sends a `Ping` when one is due; the `Pong` (any message) proves the agent lives.
+    pub fn keep_alive(&mut self) -> Result<(), RecordError> {
+        let now = Instant::now();
+        if now >= self.next_ping {
+            self.next_ping = now + PING_EVERY;
+            self.chan.send(&Message::Ping(Ping {
+                nonce: random_u64(),
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Handles what the agent sends for up to `timeout`. True once the agent has stopped on
+    /// its own (its command ended); then [`Recorder::stop`] only collects.
     pub fn poll_stopped(&mut self, timeout: Duration) -> Result<bool, RecordError> {
         if self.early_stop.is_some() {
             return Ok(true);
@@ -195,149 +287,225 @@ impl Recorder {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.chan.recv(left) {
-                Ok(Message::Metadata(m)) => {
-                    self.assembler.push(m)?;
+                Ok(msg) => {
+                    if let Some(stopped) = self.take(msg) {
+                        self.early_stop = Some(stopped);
+                        return Ok(true);
+                    }
                 }
-                Ok(Message::Stopped(s)) => {
-                    let files = std::mem::take(&mut self.assembler).finish()?;
-                    self.early_stop = Some((files, s));
-                    return Ok(true);
-                }
-                Ok(_) => {}
                 Err(ControlError::Timeout(_)) => return Ok(false),
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
-    /// Stops (unless the agent already did), collects metadata and waits for every stream to
-    /// reach the agent's byte count, at most `drain_timeout` (then keeps what arrived).
-    pub fn stop(self, drain_timeout: Duration) -> Result<Finished, RecordError> {
-        match self.stop_or_abandon(drain_timeout, &mut || false) {
-            StopOutcome::Finished(f) => Ok(f),
-            StopOutcome::Abandoned { error, .. } => {
-                Err(error.unwrap_or(RecordError::Control(ControlError::Closed)))
+    /// Files one message from the agent; returns a `Stopped`.
+    fn take(&mut self, msg: Message) -> Option<crate::proto::Stopped> {
+        self.last_heard = Instant::now();
+        match msg {
+            Message::Metadata(m) => self.inbox.push(m, &mut self.problems),
+            Message::Stopped(s) => return Some(s),
+            Message::Pong(_) => {}
+            // Our Stop crossed a Stopped (the command ended at that moment): nothing to do.
+            Message::Error(e) if e.code == ErrorCode::NotRecording => {}
+            Message::Error(e) => {
+                if self.agent_errors.len() < 16 {
+                    self.agent_errors
+                        .push(format!("the agent reported: {}", clean_text(&e.text)));
+                }
             }
+            other => self.problems.note(format!(
+                "the agent sent {:?} during the recording; ignored",
+                other.kind()
+            )),
         }
+        None
     }
 
-    /// Like [`Recorder::stop`], but gives up as soon as `abort()` says so (checked every
-    /// 100 ms: a second Ctrl-C, a dead domain) or the agent goes away: then every stream is
-    /// cancelled and what arrived is kept.
-    pub fn stop_or_abandon(
-        mut self,
-        drain_timeout: Duration,
-        abort: &mut dyn FnMut() -> bool,
-    ) -> StopOutcome {
-        let slice = Duration::from_millis(100);
-        let (metadata, stopped) = match self.early_stop.take() {
-            Some(done) => done,
-            None => {
-                if let Err(e) = self.chan.send(&Message::Stop) {
-                    return self.abandon_outcome(Some(e.into()));
-                }
-                let deadline = Instant::now() + self.cfg.reply_timeout;
-                loop {
-                    if abort() {
-                        return self.abandon_outcome(None);
-                    }
-                    if Instant::now() >= deadline {
-                        let e = ControlError::Timeout(self.cfg.reply_timeout);
-                        return self.abandon_outcome(Some(e.into()));
-                    }
-                    match self.chan.recv(slice) {
-                        Ok(Message::Metadata(m)) => {
-                            if let Err(e) = self.assembler.push(m) {
-                                return self.abandon_outcome(Some(e.into()));
-                            }
-                        }
-                        Ok(Message::Stopped(s)) => {
-                            match std::mem::take(&mut self.assembler).finish() {
-                                Ok(files) => break (files, s),
-                                Err(e) => return self.abandon_outcome(Some(e.into())),
-                            }
-                        }
-                        Ok(_) | Err(ControlError::Timeout(_)) => {}
-                        Err(ControlError::Closed) => return self.abandon_outcome(None),
-                        Err(e) => return self.abandon_outcome(Some(e.into())),
-                    }
-                }
+    /// Stops (unless the agent already did), collects metadata and reads every stream to the
+    /// agent's byte count. Gives up, keeping what arrived, when `watch` says so, when the
+    /// agent is silent for [`SILENCE_LIMIT`] (while the domain is not paused), or after the
+    /// reply timeout (for `Stopped`) plus `drain_timeout` (for the data).
+    pub fn stop(mut self, drain_timeout: Duration, watch: &mut dyn FnMut() -> Watch) -> Collected {
+        let stopped = match self.early_stop.take() {
+            Some(s) => {
+                // The agent stopped by itself: from here on only its last pages may come.
+                self.limit_streams();
+                s
             }
+            None => match self.await_stopped(watch) {
+                Ok(s) => s,
+                Err(end) => return self.into_collected(None, end),
+            },
         };
+        let stopped = GuestStopped::check(&stopped, &self.started.cpus, &mut self.problems);
         for s in &self.streams {
-            match stopped.cpus.iter().find(|c| c.cpu == s.cpu) {
-                Some(c) => s.shared.set_target(c.bytes),
+            match stopped.cpus.get(&s.cpu) {
+                Some(c) => {
+                    let limit = s.shared.limit();
+                    if c.bytes > limit {
+                        self.problems.note(format!(
+                            "cpu{}: the agent claims {} bytes, more than it can have sent; cut at {limit}",
+                            s.cpu, c.bytes
+                        ));
+                    }
+                    s.shared.set_target(c.bytes.min(limit));
+                }
                 None => s.shared.cancel.store(true, Ordering::SeqCst),
             }
         }
+        let end = self.drain(drain_timeout, watch);
+        self.into_collected(Some(stopped), end)
+    }
+
+    /// Most bytes a CPU may still send after `Stop`: its ring buffer, plus what is in flight.
+    fn drain_allowance(&self) -> u64 {
+        u64::from(self.started.buffer_kb)
+            .saturating_mul(1024)
+            .saturating_add(DRAIN_SLACK)
+    }
+
+    /// Once the recording stops, a CPU may only deliver what its ring buffer and the queues
+    /// held: more is not stored (a bound on what a guest can make the host write).
+    fn limit_streams(&self) {
+        let allowance = self.drain_allowance();
+        for s in &self.streams {
+            s.shared
+                .set_limit(s.shared.consumed().saturating_add(allowance));
+        }
+    }
+
+    /// Sends `Stop` and waits for `Stopped`, filing metadata meanwhile.
+    fn await_stopped(
+        &mut self,
+        watch: &mut dyn FnMut() -> Watch,
+    ) -> Result<crate::proto::Stopped, StopEnd> {
+        if let Err(e) = self.chan.send(&Message::Stop) {
+            return Err(StopEnd::Failed(e.to_string()));
+        }
+        self.limit_streams();
+        let deadline = Instant::now() + self.cfg.reply_timeout;
+        let mut progress = self.progress_mark();
+        loop {
+            match watch() {
+                Watch::Go => {}
+                Watch::Paused => self.excuse_silence(),
+                w => return Err(StopEnd::Watched(w)),
+            }
+            let now_progress = self.progress_mark();
+            if now_progress != progress {
+                progress = now_progress;
+                self.last_heard = Instant::now();
+            }
+            if self.silent_for() >= SILENCE_LIMIT {
+                return Err(StopEnd::AgentLost(format!(
+                    "the agent sent nothing for {} s after Stop",
+                    SILENCE_LIMIT.as_secs()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(StopEnd::AgentLost(format!(
+                    "no Stopped within {} s of Stop",
+                    self.cfg.reply_timeout.as_secs()
+                )));
+            }
+            match self.chan.recv(SLICE) {
+                Ok(msg) => {
+                    if let Some(s) = self.take(msg) {
+                        return Ok(s);
+                    }
+                }
+                Err(ControlError::Timeout(_)) => {}
+                Err(ControlError::Closed) => {
+                    return Err(StopEnd::AgentLost(
+                        "the agent closed the control channel".into(),
+                    ))
+                }
+                Err(e) => return Err(StopEnd::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Waits for every stream to reach its count.
+    fn drain(&mut self, drain_timeout: Duration, watch: &mut dyn FnMut() -> Watch) -> StopEnd {
         let deadline = Instant::now() + drain_timeout;
-        let mut aborted = false;
-        while Instant::now() < deadline && self.streams.iter().any(|s| !s.is_finished()) {
-            if abort() {
-                aborted = true;
-                break;
+        let mut progress = self.progress_mark();
+        let mut last_progress = Instant::now();
+        while self.streams.iter().any(|s| !s.is_finished()) {
+            match watch() {
+                Watch::Go => {}
+                Watch::Paused => last_progress = Instant::now(),
+                w => return StopEnd::Watched(w),
+            }
+            let now_progress = self.progress_mark();
+            if now_progress != progress {
+                progress = now_progress;
+                last_progress = Instant::now();
+            }
+            if last_progress.elapsed() >= SILENCE_LIMIT {
+                return StopEnd::AgentLost(format!(
+                    "no data arrived for {} s while streams were short of the agent's counts",
+                    SILENCE_LIMIT.as_secs()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return StopEnd::AgentLost(format!(
+                    "the streams did not reach the agent's counts within {} s",
+                    drain_timeout.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let streams = self.join_streams();
-        self.chan.close();
-        if aborted {
-            StopOutcome::Abandoned {
-                metadata,
-                streams,
-                error: None,
-            }
-        } else {
-            StopOutcome::Finished(Finished {
-                metadata,
-                stopped,
-                streams,
-            })
-        }
+        StopEnd::Finished
     }
 
-    /// Gives up on the agent (the domain died, or the user insisted): cancels every stream,
-    /// keeps what arrived, and returns the metadata received so far.
-    pub fn abandon_with_metadata(mut self) -> (MetadataFiles, StreamResults) {
-        let files = self.metadata_so_far().clone();
-        (files, self.join_streams())
+    /// Bytes taken from all FIFOs so far: changes whenever data arrives.
+    fn progress_mark(&self) -> u64 {
+        self.streams
+            .iter()
+            .map(|s| s.shared.consumed() + s.shared.discarded.load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add)
     }
 
-    fn abandon_outcome(mut self, error: Option<RecordError>) -> StopOutcome {
-        let metadata = self.metadata_so_far().clone();
-        let streams = self.join_streams();
-        StopOutcome::Abandoned {
-            metadata,
-            streams,
-            error,
-        }
+    /// Gives up on the agent (the domain died, the user insisted, the agent is gone): keeps
+    /// what arrived.
+    pub fn abandon(self, end: StopEnd) -> Collected {
+        self.into_collected(None, end)
     }
 
-    /// Cancels streams that are still running, and joins them all.
-    fn join_streams(&mut self) -> StreamResults {
-        for s in &self.streams {
-            s.shared.cancel.store(true, Ordering::SeqCst);
-        }
-        std::mem::take(&mut self.streams)
+    fn into_collected(mut self, stopped: Option<GuestStopped>, end: StopEnd) -> Collected {
+        cancel_all(&self.streams);
+        let streams = std::mem::take(&mut self.streams)
             .into_iter()
             .map(|s| {
                 let path = s.data_path.clone();
                 (s.join(), path)
             })
-            .collect()
+            .collect::<Vec<_>>();
+        for (outcome, _) in &streams {
+            if outcome.excess > 0 {
+                self.problems.note(format!(
+                    "cpu{}: the guest sent {} bytes beyond what it may send; not kept",
+                    outcome.cpu, outcome.excess
+                ));
+            }
+        }
+        // Best effort: tells a live agent to abort; harmless when it is gone.
+        self.chan.close();
+        let metadata = self.inbox.finish(&mut self.problems);
+        Collected {
+            metadata,
+            stopped,
+            streams,
+            end,
+            problems: self.problems,
+            agent_errors: self.agent_errors,
+        }
     }
 }
 
-/// How [`Recorder::stop_or_abandon`] ended.
-#[derive(Debug)]
-pub enum StopOutcome {
-    /// The agent stopped and every stream was read to its count (or to the drain timeout).
-    Finished(Finished),
-    /// Given up: what had arrived, without the agent's final counts. `error` says why when it
-    /// was not the caller's `abort()` or the agent going away.
-    Abandoned {
-        metadata: MetadataFiles,
-        streams: StreamResults,
-        error: Option<RecordError>,
-    },
+fn cancel_all(streams: &[CpuStream]) {
+    for s in streams {
+        s.shared.cancel.store(true, Ordering::SeqCst);
+    }
 }

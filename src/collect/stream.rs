@@ -48,9 +48,63 @@ pub struct StreamShared {
     pub failed: AtomicBool,
     /// Bytes read and dropped after a failure.
     pub dropped: AtomicU64,
-    /// Bytes of the stream taken from the FIFO (written or not): with `dropped`, tells when a
-    /// failed stream has been drained to the agent's count.
+    /// Bytes of the stream taken from the FIFO after the marker (written or not): with
+    /// `dropped`, tells when a failed stream has been drained to the agent's count.
     consumed: AtomicU64,
+    /// Most bytes this stream may store (set at `Stop` to what arrived plus what the guest may
+    /// still legitimately send): beyond it the guest is writing more than it can have.
+    limit: AtomicU64,
+    /// Bytes read and not stored because the run's `--max-size` was reached.
+    pub cut: AtomicU64,
+    /// The run's `--max-size`, shared by every CPU's stream.
+    budget: Option<Arc<ByteBudget>>,
+}
+
+/// What is left of the run's `--max-size`, shared by every stream of a recording.
+#[derive(Debug)]
+pub struct ByteBudget {
+    left: AtomicU64,
+}
+
+impl ByteBudget {
+    pub fn new(bytes: u64) -> ByteBudget {
+        ByteBudget {
+            left: AtomicU64::new(bytes),
+        }
+    }
+
+    /// Takes up to `want` bytes; returns how many were granted.
+    fn reserve(&self, want: u64) -> u64 {
+        let mut left = self.left.load(Ordering::SeqCst);
+        loop {
+            let take = want.min(left);
+            match self
+                .left
+                .compare_exchange(left, left - take, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return take,
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.left.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// True once nothing is left.
+    pub fn exhausted(&self) -> bool {
+        self.left.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl StreamShared {
+    fn with_budget(budget: Option<Arc<ByteBudget>>) -> StreamShared {
+        StreamShared {
+            budget,
+            ..StreamShared::default()
+        }
+    }
 }
 
 impl Default for StreamShared {
@@ -65,6 +119,9 @@ impl Default for StreamShared {
             failed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+            cut: AtomicU64::new(0),
+            budget: None,
         }
     }
 }
@@ -80,6 +137,21 @@ impl StreamShared {
             t => Some(t),
         }
     }
+
+    /// Stores at most `bytes` in all; what arrives beyond is read and counted as `excess`.
+    pub fn set_limit(&self, bytes: u64) {
+        self.limit.store(bytes, Ordering::SeqCst);
+    }
+
+    /// The most bytes this stream may store.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of the stream taken from the FIFO after the marker, stored or not.
+    pub fn consumed(&self) -> u64 {
+        self.consumed.load(Ordering::SeqCst)
+    }
 }
 
 /// How a stream ended.
@@ -90,6 +162,10 @@ pub struct StreamOutcome {
     /// False when the stream was cancelled or failed before its target.
     pub complete: bool,
     pub error: Option<io::Error>,
+    /// Bytes the guest sent beyond its count or its limit, read and not kept.
+    pub excess: u64,
+    /// Bytes read and not kept because `--max-size` was reached.
+    pub cut: u64,
 }
 
 /// A running per-CPU reader.
@@ -104,7 +180,14 @@ pub struct CpuStream {
 impl CpuStream {
     /// Opens `fifo` for reading right away (so the guest never writes into a FIFO nobody
     /// reads) and starts the thread that fills `data_path`.
-    pub fn start(cpu: u32, fifo: &Path, data_path: &Path, nonce: u64) -> io::Result<CpuStream> {
+    /// `budget` is the run's `--max-size`, shared with the other CPUs' streams.
+    pub fn start(
+        cpu: u32,
+        fifo: &Path,
+        data_path: &Path,
+        nonce: u64,
+        budget: Option<Arc<ByteBudget>>,
+    ) -> io::Result<CpuStream> {
         let fifo_file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -113,7 +196,7 @@ impl CpuStream {
             .write(true)
             .create_new(true)
             .open(data_path)?;
-        let shared = Arc::new(StreamShared::default());
+        let shared = Arc::new(StreamShared::with_budget(budget));
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name(format!("collect-cpu{cpu}"))
@@ -138,6 +221,8 @@ impl CpuStream {
             received,
             complete: false,
             error: Some(io::Error::other("collector thread panicked")),
+            excess: 0,
+            cut: 0,
         })
     }
 }
@@ -156,6 +241,8 @@ fn collect_stream(
         received: 0,
         complete: false,
         error: None,
+        excess: 0,
+        cut: 0,
     };
     match run(cpu, fifo, out, nonce, shared) {
         Ok(complete) => outcome.complete = complete,
@@ -168,6 +255,8 @@ fn collect_stream(
         }
     }
     outcome.received = shared.received.load(Ordering::SeqCst);
+    outcome.excess = shared.excess.load(Ordering::SeqCst);
+    outcome.cut = shared.cut.load(Ordering::SeqCst);
     outcome
 }
 
@@ -179,6 +268,10 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
     loop {
         if shared.cancel.load(Ordering::SeqCst) {
             return Ok(false);
+        }
+        if shared.target() == Some(0) {
+            // The agent sent nothing on this CPU (not even the marker is required then).
+            return Ok(true);
         }
         let n = match read_some(fifo, &mut buf)? {
             Some(n) => n,
@@ -192,10 +285,15 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
             shared
                 .consumed
                 .fetch_add(tail.len() as u64, Ordering::SeqCst);
-            write_all_fd(out, tail)?;
+            let granted = match &shared.budget {
+                Some(b) => usize::try_from(b.reserve(tail.len() as u64)).unwrap_or(0),
+                None => tail.len(),
+            };
+            write_all_fd(out, &tail[..granted])?;
+            shared.received.fetch_add(granted as u64, Ordering::SeqCst);
             shared
-                .received
-                .fetch_add(tail.len() as u64, Ordering::SeqCst);
+                .cut
+                .fetch_add((tail.len() - granted) as u64, Ordering::SeqCst);
             break;
         }
         let keep = StreamMarker::LEN - 1;
@@ -208,35 +306,75 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
     drop(window);
     drop(buf);
 
-    // Phase 2: splice until the target.
+    // Phase 2: splice until the target, storing what the limits allow and reading (so the
+    // guest never stalls) but not storing the rest.
     let pipe = SplicePipe::new(1 << 20)?;
+    let null = OpenOptions::new().write(true).open("/dev/null")?;
     loop {
         let received = shared.received.load(Ordering::SeqCst);
+        let consumed = shared.consumed();
         if let Some(target) = shared.target() {
             if received > target {
                 // More than the agent said it sent: keep exactly its count.
                 out.set_len(target)?;
-                shared.excess.store(received - target, Ordering::SeqCst);
+                shared.excess.fetch_add(received - target, Ordering::SeqCst);
                 shared.received.store(target, Ordering::SeqCst);
                 return Ok(true);
             }
-            if received == target {
+            if consumed >= target {
                 return Ok(true);
             }
         }
         if shared.cancel.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        let max = match shared.target() {
-            Some(t) => usize::try_from(t - received).unwrap_or(usize::MAX),
-            None => usize::MAX,
+        let want = match shared.target() {
+            Some(t) => t - consumed,
+            None => u64::MAX,
         }
-        .min(pipe.capacity());
-        match pipe.pull(fifo, max, true)? {
-            Pulled::Bytes(n) => {
-                shared.consumed.fetch_add(n as u64, Ordering::SeqCst);
-                pipe.push_all(out, n)?;
-                shared.received.fetch_add(n as u64, Ordering::SeqCst);
+        .min(u64::try_from(pipe.capacity()).unwrap_or(u64::MAX));
+        let room = shared
+            .limit
+            .load(Ordering::SeqCst)
+            .saturating_sub(received)
+            .min(want);
+        let granted = match &shared.budget {
+            Some(b) => b.reserve(room),
+            None => room,
+        };
+        let (max, store) = if granted > 0 {
+            (granted, true)
+        } else {
+            (want, false)
+        };
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let pulled = pipe.pull(fifo, max, true);
+        let n = match pulled {
+            Ok(Pulled::Bytes(n)) => n,
+            _ => 0,
+        };
+        let n64 = n as u64;
+        if store {
+            if let Some(b) = &shared.budget {
+                b.give_back(granted - n64);
+            }
+        }
+        match pulled? {
+            Pulled::Bytes(_) => {
+                shared.consumed.fetch_add(n64, Ordering::SeqCst);
+                if store {
+                    pipe.push_all(out, n)?;
+                    shared.received.fetch_add(n64, Ordering::SeqCst);
+                } else {
+                    pipe.push_all(&null, n)?;
+                    let over_limit = shared.limit.load(Ordering::SeqCst) <= received;
+                    let counter = if over_limit {
+                        &shared.excess
+                    } else {
+                        &shared.cut
+                    };
+                    counter.fetch_add(n64, Ordering::SeqCst);
+                }
             }
             Pulled::WouldBlock | Pulled::Eof => {
                 wait_readable(fifo.as_fd(), Duration::from_millis(POLL_MS))?
@@ -302,7 +440,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (fifo, mut writer) = fifo_pair(tmp.path());
         let data = tmp.path().join("cpu0.data");
-        let stream = CpuStream::start(0, &fifo, &data, 42).unwrap();
+        let stream = CpuStream::start(0, &fifo, &data, 42, None).unwrap();
 
         let stale = vec![0xAAu8; 1000];
         let old_marker = StreamMarker {
@@ -379,7 +517,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (fifo, mut writer) = fifo_pair(tmp.path());
         let data = tmp.path().join("cpu1.data");
-        let stream = CpuStream::start(1, &fifo, &data, 7).unwrap();
+        let stream = CpuStream::start(1, &fifo, &data, 7, None).unwrap();
         writer
             .write_all(
                 &StreamMarker {

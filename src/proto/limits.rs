@@ -12,11 +12,34 @@ pub const MAX_PAYLOAD: u32 = 1024 * 1024;
 /// megabytes of `kallsyms`.
 pub const METADATA_CHUNK: usize = 64 * 1024;
 
-/// Largest single metadata file (`kallsyms` is a few MiB in practice).
-pub const MAX_METADATA_FILE: u64 = 64 * 1024 * 1024;
+/// Largest single metadata file: the largest of the per-kind caps below.
+pub const MAX_METADATA_FILE: u64 = MAX_SYMBOL_METADATA;
 
-/// Largest sum of all metadata files of one recording, kept in host memory.
-pub const MAX_METADATA_TOTAL: u64 = 256 * 1024 * 1024;
+/// Largest sum of all metadata files of one recording, kept in host memory. A Debian
+/// kernel's `kallsyms` is ~5 MiB and its ~2 300 event formats ~2 MiB.
+pub const MAX_METADATA_TOTAL: u64 = 64 * 1024 * 1024;
+
+/// Largest `kallsyms`, `printk_formats`, `saved_cmdlines` or `saved_tgids` (big distribution
+/// kernels with many modules reach ~15 MiB of `kallsyms`).
+pub const MAX_SYMBOL_METADATA: u64 = 32 * 1024 * 1024;
+
+/// Largest event `format` file, and `header_page`/`header_event`: the largest real one is
+/// ~5.5 KiB. The trace.dat reader uses the same cap.
+pub const MAX_EVENT_FORMAT: u64 = 64 * 1024;
+
+/// Largest `uname` or `trace_clock`.
+pub const MAX_SMALL_METADATA: u64 = 4096;
+
+/// Most metadata files in one recording: every resolved event's format, the `ftrace`
+/// system's formats, and the fixed files.
+pub const MAX_METADATA_FILES: usize = MAX_RESOLVED_EVENTS + 256;
+
+/// Most problem notes the host keeps about one recording (it counts them all).
+pub const MAX_GUEST_PROBLEMS: usize = 20;
+
+/// What a guest may still send on one CPU's stream after the host's `Stop`, beyond its ring
+/// buffer (`Started.buffer_kb`): the agent's pipe and the virtio-serial queue in flight.
+pub const DRAIN_SLACK: u64 = 8 * 1024 * 1024;
 
 /// Most entries in `RecordRequest.events`.
 pub const MAX_EVENTS_PER_REQUEST: usize = 1024;

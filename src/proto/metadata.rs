@@ -244,6 +244,35 @@ impl MetadataAssembler {
         Ok(())
     }
 
+    /// True while `name` is half-received.
+    pub fn is_partial(&self, name: &str) -> bool {
+        self.partial.contains_key(name)
+    }
+
+    /// Removes and returns a completed file (its bytes stay counted against the total, and
+    /// the name can no longer start a new file of that name: `Duplicate` is not detected
+    /// after this, so callers that take files track names themselves).
+    pub fn take(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.complete.remove(name)
+    }
+
+    /// Drops a half-received file and releases its reservation.
+    pub fn discard(&mut self, name: &str) {
+        if let Some(p) = self.partial.remove(name) {
+            self.total = self.total.saturating_sub(p.total_len);
+        }
+    }
+
+    /// Bytes reserved so far (the sum of `total_len` of every file started and not discarded).
+    pub fn reserved(&self) -> u64 {
+        self.total
+    }
+
+    /// Names of the files still half-received.
+    pub fn partial_names(&self) -> Vec<String> {
+        self.partial.keys().cloned().collect()
+    }
+
     /// Files completed so far.
     pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
         &self.complete

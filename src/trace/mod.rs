@@ -6,9 +6,12 @@
 //!    recreated) and that the output's folder is writable, before anything starts.
 //! 2. Open every CPU's FIFO for reading, then boot the domain (unless it runs), then connect to
 //!    the agent with a bounded wait: the guest never writes into a FIFO that nobody reads.
-//! 3. Record until `--duration`, Ctrl-C, the guest command's end, or the domain stopping.
+//! 3. Record until `--duration`, Ctrl-C (or SIGTERM), the guest command's end, the domain
+//!    stopping, `--max-size`, or the agent falling silent (pinged every second).
 //! 4. Stop: the agent drains its buffers and reports exact byte counts; each stream is read to
-//!    its count. A second Ctrl-C, or a dead domain, keeps what arrived instead.
+//!    its count. A second Ctrl-C, a dead domain or a silent agent keeps what arrived instead.
+//!    Every wait is bounded, and everything the guest sends is checked on the way in
+//!    (`collect::guest_input`): what breaks a rule is dropped and noted, never trusted.
 //! 5. Write the file (temporary name, then rename), read it back to count events and lost
 //!    events, and report.
 
@@ -20,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::collect::guest_input::{clean_text, GuestError, GuestHello, GuestStarted};
 use crate::collect::progress::{LossScanner, Progress};
 use crate::collect::recorder::{
-    MetadataFiles, RecordError, Recorder, RecorderConfig, StopOutcome, StreamResults,
+    Collected, RecordError, Recorder, RecorderConfig, StopEnd, Watch, SILENCE_LIMIT,
 };
 use crate::control::ControlError;
 use crate::exitcode::ExitCode;
@@ -30,7 +34,7 @@ use crate::libvirt::{Dom, LibvirtError};
 use crate::proto::{ErrorCode, StopReason};
 use crate::tracedat::{PageLayout, TraceDatError};
 
-use summary::{CommandSummary, StopCause, TraceSummary};
+use summary::{CommandSummary, CpuSummary, StopCause, TraceSummary};
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -48,6 +52,8 @@ pub struct TraceOptions {
     pub agent_timeout: Duration,
     /// Show the live display (on a terminal).
     pub progress: bool,
+    /// `--max-size`: most bytes of trace data to keep; reaching it stops the recording.
+    pub max_size: Option<u64>,
 }
 
 /// Why a trace failed. Partial results (a file with what arrived) are not errors: see
@@ -64,6 +70,8 @@ pub enum TraceError {
     NotRunning(String),
     #[error("the domain stopped before the agent answered; read the guest's console log")]
     DomainStoppedEarly,
+    #[error("interrupted before the recording started; nothing was written")]
+    Interrupted,
     #[error("cannot write {path}: {source}. Choose another -o, or free space")]
     Output {
         path: PathBuf,
@@ -76,6 +84,8 @@ pub enum TraceError {
         #[source]
         source: TraceDatError,
     },
+    #[error("the guest misbehaved: {0}")]
+    Guest(#[from] GuestError),
     #[error("recording failed: {0}")]
     Record(#[source] RecordError),
     #[error(
@@ -84,6 +94,8 @@ pub enum TraceError {
     NotSetUp { domain: String },
     #[error("domain '{domain}' runs without tvctl's channels (setup takes effect at its next boot): restart it (virsh shutdown {domain}; tvctl trace boots it)")]
     NeedsRestart { domain: String },
+    #[error("{what} while domain '{domain}' runs: QEMU still holds the old file, so that CPU's data would be lost. Restart the domain (virsh shutdown {domain}; tvctl trace boots it)")]
+    FifoReplaced { domain: String, what: String },
     #[error(transparent)]
     Setup(#[from] crate::setup::SetupError),
 }
@@ -97,11 +109,17 @@ impl TraceError {
             TraceError::Refused { .. } => ExitCode::AgentRefused,
             TraceError::NotRunning(_)
             | TraceError::NotSetUp { .. }
-            | TraceError::NeedsRestart { .. } => ExitCode::NotSetUp,
+            | TraceError::NeedsRestart { .. }
+            | TraceError::FifoReplaced { .. } => ExitCode::NotSetUp,
             TraceError::DomainStoppedEarly => ExitCode::DomainStopped,
+            TraceError::Interrupted => ExitCode::Interrupted,
             TraceError::Output { .. } | TraceError::Write { .. } => ExitCode::OutputNotWritable,
+            TraceError::Guest(_) => ExitCode::GuestMisbehaved,
             TraceError::Record(RecordError::Fifo { .. }) => ExitCode::HostFileConflict,
             TraceError::Record(RecordError::NoFifos(_)) => ExitCode::NotSetUp,
+            TraceError::Record(RecordError::Control(ControlError::Protocol(_))) => {
+                ExitCode::GuestMisbehaved
+            }
             TraceError::Record(_) => ExitCode::Internal,
             TraceError::Setup(e) => e.exit_code(),
         }
@@ -109,13 +127,17 @@ impl TraceError {
 }
 
 impl TraceOutcome {
-    /// 0 for a whole recording; 10 when the domain stopped; 130 when abandoned (Ctrl-C twice).
+    /// The gravest of what happened: 130 abandoned, 10 domain stopped, 13 the guest broke a
+    /// rule, 14 incomplete (a stream short, the agent lost), else 0.
     pub fn exit_code(&self) -> ExitCode {
-        match self.summary.stop_cause {
-            StopCause::DomainStopped => ExitCode::DomainStopped,
+        let s = &self.summary;
+        match s.stop_cause {
             StopCause::Abandoned => ExitCode::Interrupted,
-            StopCause::AgentError => ExitCode::Internal,
-            StopCause::Duration | StopCause::Interrupt | StopCause::Command => ExitCode::Ok,
+            StopCause::DomainStopped => ExitCode::DomainStopped,
+            _ if !s.guest_problems.is_empty() => ExitCode::GuestMisbehaved,
+            StopCause::AgentLost | StopCause::AgentError => ExitCode::Incomplete,
+            _ if !s.complete => ExitCode::Incomplete,
+            _ => ExitCode::Ok,
         }
     }
 }
@@ -163,16 +185,52 @@ pub fn prepare(
     }
     let folder =
         crate::channels::DomainFolder::new(root, &name).map_err(crate::setup::SetupError::from)?;
+    if dom.is_active()? {
+        if let Some(pid) = dom.qemu_pid() {
+            check_qemu_holds_fifos(folder.path(), pid, &name)?;
+        }
+    }
     Ok(folder.path().to_path_buf())
+}
+
+/// A FIFO deleted (and recreated by setup) while the domain runs is not the one QEMU writes
+/// to: QEMU opened its FIFOs at start and holds them. Each `.out` FIFO must be a file QEMU
+/// has open, compared by device and inode through `/proc/<qemu pid>/fd`.
+fn check_qemu_holds_fifos(folder: &Path, qemu_pid: u32, domain: &str) -> Result<(), TraceError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{qemu_pid}/fd")) else {
+        return Ok(()); // QEMU gone or not ours to inspect: the recording will tell.
+    };
+    let held: std::collections::HashSet<(u64, u64)> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    for cpu in crate::collect::recorder::fifo_cpus(folder) {
+        let path = folder.join(format!("trace-path-cpu{cpu}.out"));
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !held.contains(&(meta.dev(), meta.ino())) {
+            return Err(TraceError::FifoReplaced {
+                domain: domain.to_string(),
+                what: format!("{} was deleted or replaced", path.display()),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl From<RecordError> for TraceError {
     fn from(e: RecordError) -> TraceError {
         match e {
             RecordError::Control(ControlError::Timeout(d)) => TraceError::AgentTimeout(d),
-            RecordError::Control(ControlError::Refused(code, text)) => {
-                TraceError::Refused { code, text }
-            }
+            RecordError::Control(ControlError::Refused(code, text)) => TraceError::Refused {
+                code,
+                text: clean_text(&text),
+            },
+            RecordError::Control(ControlError::Interrupted) => TraceError::Interrupted,
+            RecordError::Guest(g) => TraceError::Guest(g),
             other => TraceError::Record(other),
         }
     }
@@ -208,169 +266,372 @@ fn signals() -> u32 {
     SIGNALS.load(Ordering::SeqCst)
 }
 
-/// Runs one trace of `dom`. `prepared` is true once the caller checked the domain is set up.
+/// Watches the user and the domain for every wait: a signal beyond those already seen, the
+/// domain stopping or paused (asked of libvirt at most every 500 ms).
+struct DomainWatch<'a> {
+    dom: &'a Dom,
+    signals_seen: u32,
+    last_check: Instant,
+    state: Watch,
+}
+
+impl<'a> DomainWatch<'a> {
+    fn new(dom: &'a Dom) -> DomainWatch<'a> {
+        DomainWatch {
+            dom,
+            signals_seen: signals(),
+            last_check: Instant::now(),
+            state: Watch::Go,
+        }
+    }
+
+    fn check(&mut self) -> Watch {
+        if signals() > self.signals_seen {
+            return Watch::Abandon;
+        }
+        if self.last_check.elapsed() >= Duration::from_millis(500) {
+            self.last_check = Instant::now();
+            self.state = match self.dom.state() {
+                Ok(s) if !s.is_active() => Watch::DomainGone,
+                Ok(crate::libvirt::DomState::Paused) => Watch::Paused,
+                _ => Watch::Go,
+            };
+        }
+        self.state
+    }
+}
+
+/// Runs one trace of `dom` (the caller checked it is set up, see [`prepare`], and holds its
+/// lock). The steps, each a function below:
+/// boot if off → start the recording → record until a stop cause → stop and drain →
+/// write the file and count → summarise.
 pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     install_signal_counter();
-    let name = dom.name();
     let mut progress = Progress::new(opts.progress);
+    let scratch = scratch_next_to(&opts.output)?;
+    let booted = boot_if_off(dom, opts, &mut progress)?;
+    let mut rec = match start_recording(dom, opts, scratch.path(), &mut progress) {
+        Ok(rec) => rec,
+        Err(e) => {
+            progress.finish();
+            return Err(e);
+        }
+    };
+    let recording = Recording {
+        hello: rec.hello.clone(),
+        started: rec.started.clone(),
+    };
+    progress.recording(&recording.started.cpus);
+    let start = Instant::now();
+    let cause = record_until_stop(&mut rec, dom, opts.duration, &mut progress);
+    let elapsed = start.elapsed();
+    let (collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
+    progress.finish();
+    let cpus = write_and_count(opts, &recording, &collected)?;
+    Ok(TraceOutcome {
+        summary: summarise(
+            dom, opts, booted, &recording, collected, cause, elapsed, cpus,
+        ),
+    })
+}
 
-    // Scratch space next to the output: proves the folder is writable before anything
-    // starts, and lets copy_file_range stay within one file system.
-    let out_dir = match opts.output.parent() {
+/// What the agent said when the recording started (checked), kept for the file and summary.
+struct Recording {
+    hello: GuestHello,
+    started: GuestStarted,
+}
+
+/// Scratch space next to the output: proves the folder is writable before anything starts,
+/// and keeps copy_file_range within one file system.
+fn scratch_next_to(output: &Path) -> Result<tempfile::TempDir, TraceError> {
+    let out_dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let scratch = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(".tvctl-trace-")
         .tempdir_in(&out_dir)
         .map_err(|source| TraceError::Output {
-            path: out_dir.clone(),
+            path: out_dir,
             source,
-        })?;
+        })
+}
 
-    let socket = opts.domain_dir.join("agent-ctl-path.sock");
-    let mut booted = false;
+/// Boots the domain unless it runs (or `--no-boot`); true if it was booted.
+fn boot_if_off(
+    dom: &Dom,
+    opts: &TraceOptions,
+    progress: &mut Progress,
+) -> Result<bool, TraceError> {
+    if dom.is_active()? {
+        return Ok(false);
+    }
+    if !opts.boot {
+        return Err(TraceError::NotRunning(dom.name()));
+    }
+    progress.wait(&format!("booting {}", dom.name()));
+    dom.start()?;
+    Ok(true)
+}
+
+/// Opens the FIFOs, waits for the agent (bounded, and Ctrl-C ends the wait), asks it to record.
+fn start_recording(
+    dom: &Dom,
+    opts: &TraceOptions,
+    data_dir: &Path,
+    progress: &mut Progress,
+) -> Result<Recorder, TraceError> {
     let cfg = RecorderConfig {
-        socket: socket.clone(),
+        socket: opts.domain_dir.join("agent-ctl-path.sock"),
         fifo_dir: opts.domain_dir.clone(),
-        data_dir: scratch.path().to_path_buf(),
+        data_dir: data_dir.to_path_buf(),
         events: opts.events.clone(),
         buffer_kb: opts.buffer_kb,
         clock: opts.clock.clone(),
         command: opts.command.clone(),
         connect_timeout: opts.agent_timeout,
         reply_timeout: Duration::from_secs(60),
+        max_bytes: opts.max_size,
     };
-
-    if !dom.is_active()? {
-        if !opts.boot {
-            return Err(TraceError::NotRunning(name));
+    progress.wait(&format!("waiting for tvctl-agent in {}", dom.name()));
+    let mut watch = DomainWatch::new(dom);
+    let mut ask = || watch.check();
+    Recorder::start(cfg, &mut ask).map_err(|e| {
+        let gone = matches!(e, RecordError::Control(_)) && !dom.is_active().unwrap_or(false);
+        if gone {
+            TraceError::DomainStoppedEarly
+        } else {
+            e.into()
         }
-        progress.wait(&format!("booting {name}"));
-        dom.start()?;
-        booted = true;
-    }
-    progress.wait(&format!("waiting for tvctl-agent in {name}"));
-    let mut rec = match Recorder::start(cfg) {
-        Ok(r) => r,
-        Err(e) => {
-            progress.finish();
-            if !dom.is_active().unwrap_or(false) {
-                return Err(TraceError::DomainStoppedEarly);
-            }
-            return Err(e.into());
-        }
-    };
-    let cpus = rec.started.cpus.clone();
-    progress.recording(&cpus);
+    })
+}
 
-    // Record until something says stop.
+/// Waits for a reason to stop (duration, Ctrl-C, the command's end, the domain stopping, the
+/// size cap, the agent falling silent or misbehaving), pinging the agent and refreshing the
+/// live display meanwhile.
+fn record_until_stop(
+    rec: &mut Recorder,
+    dom: &Dom,
+    duration: Option<Duration>,
+    progress: &mut Progress,
+) -> StopCause {
     let start = Instant::now();
-    let cause = match record_until_stop(&mut rec, dom, opts.duration, &mut progress) {
-        Ok(c) => c,
-        Err(e) => {
-            progress.finish();
-            return Err(e.into());
+    let mut watch = DomainWatch::new(dom);
+    let mut live = LiveLoss::default();
+    loop {
+        match watch.check() {
+            Watch::Abandon => return StopCause::Interrupt,
+            Watch::DomainGone => return StopCause::DomainStopped,
+            Watch::Paused => rec.excuse_silence(),
+            Watch::Go => {}
         }
-    };
-    let elapsed_recording = start.elapsed();
-
-    // Stop and drain. While draining, a second Ctrl-C (or a dead domain) abandons the wait.
-    let page_size = rec.started_page_size();
-    let started = rec.started.clone();
-    let signals_at_stop = signals();
-    let mut stop_error = None;
-    let (files, stopped, streams, cause) = match cause {
-        StopCause::DomainStopped => {
-            let (files, streams) = rec.abandon_with_metadata();
-            (files, None, streams, cause)
+        if duration.is_some_and(|d| start.elapsed() >= d) {
+            return StopCause::Duration;
         }
-        _ => {
-            progress.println(&format!(
-                "stopping after {:.1} s (Ctrl-C again to stop waiting)",
-                elapsed_recording.as_secs_f64()
-            ));
-            match stop_watching(rec, dom, signals_at_stop) {
-                StopResult::Done(f) => {
-                    let cause = match (cause, f.stopped.reason) {
-                        (StopCause::Command, StopReason::AgentError) => StopCause::AgentError,
-                        (c, _) => c,
-                    };
-                    (f.metadata, Some(f.stopped), f.streams, cause)
-                }
-                StopResult::Abandoned(files, streams, why, error) => {
-                    if let Some(e) = error {
-                        progress.println(&format!("stopping failed: {e}"));
-                        stop_error = Some(e);
-                    }
-                    (files, None, streams, why)
-                }
+        if rec.size_cap_reached() {
+            return StopCause::MaxSize;
+        }
+        if rec.guest_gave_up_on() {
+            return StopCause::GuestMisbehaved;
+        }
+        if rec.silent_for() >= SILENCE_LIMIT {
+            return StopCause::AgentLost;
+        }
+        if rec.keep_alive().is_err() {
+            return StopCause::AgentLost;
+        }
+        match rec.poll_stopped(Duration::from_millis(200)) {
+            Ok(true) => return StopCause::Command,
+            Ok(false) => {}
+            Err(RecordError::Control(ControlError::Closed)) => {
+                // QEMU closes our end when the domain goes away.
+                return if dom.is_active().unwrap_or(false) {
+                    StopCause::AgentLost
+                } else {
+                    StopCause::DomainStopped
+                };
             }
+            Err(_) => return StopCause::GuestMisbehaved,
         }
-    };
-    progress.finish();
+        if progress.is_enabled() {
+            let lost = live.scan(rec);
+            progress.update(rec.streams(), start.elapsed(), lost);
+        }
+    }
+}
 
-    // Write the file and count.
-    let mut notes: Vec<String> = stop_error.into_iter().collect();
+/// Lost events counted from page headers as pages land, for the live display.
+#[derive(Default)]
+struct LiveLoss {
+    layout: Option<PageLayout>,
+    scanners: BTreeMap<u32, LossScanner>,
+}
+
+impl LiveLoss {
+    fn scan(&mut self, rec: &Recorder) -> u64 {
+        if self.layout.is_none() {
+            self.layout = page_layout(rec.metadata_so_far(), rec.page_size());
+        }
+        let Some(layout) = &self.layout else {
+            return 0;
+        };
+        let mut lost = 0u64;
+        for s in rec.streams() {
+            let sc = self
+                .scanners
+                .entry(s.cpu)
+                .or_insert_with(|| LossScanner::new(&s.data_path));
+            sc.scan(layout, s.shared.received.load(Ordering::Relaxed));
+            lost = lost.saturating_add(sc.missed_events);
+        }
+        lost
+    }
+}
+
+/// Stops the recording and reads every stream to the agent's count; a second Ctrl-C, the
+/// domain dying or the agent falling silent end the wait with what arrived. Returns the
+/// final stop cause.
+fn stop_and_drain(
+    rec: Recorder,
+    dom: &Dom,
+    cause: StopCause,
+    elapsed: Duration,
+    progress: &mut Progress,
+) -> (Collected, StopCause) {
+    match cause {
+        StopCause::DomainStopped => {
+            return (rec.abandon(StopEnd::Watched(Watch::DomainGone)), cause)
+        }
+        StopCause::AgentLost => {
+            let why = format!(
+                "the agent answered nothing for {} s while recording",
+                SILENCE_LIMIT.as_secs()
+            );
+            return (rec.abandon(StopEnd::AgentLost(why)), cause);
+        }
+        _ => {}
+    }
+    let by_user = matches!(cause, StopCause::Interrupt);
+    progress.println(&format!(
+        "stopping after {:.1} s{}",
+        elapsed.as_secs_f64(),
+        if by_user {
+            " (Ctrl-C again to stop waiting)"
+        } else {
+            ""
+        }
+    ));
+    let mut watch = DomainWatch::new(dom);
+    let mut ask = || watch.check();
+    let collected = rec.stop(Duration::from_secs(60), &mut ask);
+    let cause = match (&collected.end, cause) {
+        (StopEnd::Watched(Watch::Abandon), _) => StopCause::Abandoned,
+        (StopEnd::Watched(_), _) => StopCause::DomainStopped,
+        (StopEnd::AgentLost(_), _) => StopCause::AgentLost,
+        (StopEnd::Failed(_), _) => StopCause::AgentError,
+        (StopEnd::Finished, StopCause::Command) => match &collected.stopped {
+            Some(s) if s.reason == StopReason::AgentError => StopCause::AgentError,
+            _ => StopCause::Command,
+        },
+        (StopEnd::Finished, c) => c,
+    };
+    (collected, cause)
+}
+
+/// Writes the file (temporary name, then rename) from what was collected, then reads it back
+/// to count events and lost events per CPU.
+fn write_and_count(
+    opts: &TraceOptions,
+    recording: &Recording,
+    collected: &Collected,
+) -> Result<Vec<CpuSummary>, TraceError> {
+    let cpus = &recording.started.cpus;
+    let complete: BTreeMap<u32, bool> = collected
+        .streams
+        .iter()
+        .map(|(o, _)| (o.cpu, o.complete && o.error.is_none()))
+        .collect();
+    let data: Vec<output::CollectedCpu> = collected
+        .streams
+        .iter()
+        .filter(|(o, _)| cpus.contains(&o.cpu))
+        .map(|(o, path)| output::CollectedCpu {
+            cpu: o.cpu,
+            data: Some(path.clone()),
+            bytes: o.received,
+        })
+        .collect();
+    let counts = collected.stopped.as_ref().map(|s| &s.cpus);
+    let meta = output::trace_meta(
+        &collected.metadata,
+        recording.hello.page_size,
+        counts,
+        crate::control::random_u64(),
+    );
+    let write_err = |source| TraceError::Write {
+        path: opts.output.clone(),
+        source,
+    };
+    output::write_file(&opts.output, &meta, &data).map_err(write_err)?;
+    output::count_cpus(&opts.output, cpus, counts, &complete).map_err(write_err)
+}
+
+/// The run's summary: what was asked, what the guest did, what the file holds.
+#[allow(clippy::too_many_arguments)]
+fn summarise(
+    dom: &Dom,
+    opts: &TraceOptions,
+    booted: bool,
+    recording: &Recording,
+    collected: Collected,
+    cause: StopCause,
+    elapsed: Duration,
+    cpus: Vec<CpuSummary>,
+) -> TraceSummary {
+    let started = &recording.started;
+    let mut notes = Vec::new();
+    match &collected.end {
+        StopEnd::AgentLost(why) => notes.push(format!(
+            "{why}: it died, or the guest locked up. The file holds what arrived. Read the last lines of the guest's console log{}",
+            console_hint(dom)
+        )),
+        StopEnd::Failed(why) => notes.push(format!("stopping failed: {}", clean_text(why))),
+        _ => {}
+    }
+    notes.extend(collected.agent_errors.iter().cloned());
     if !started.splice {
         notes.push(format!(
             "the guest used read/write instead of splice: {}",
             started.note
         ));
     }
-    let mut collected = Vec::new();
-    let mut complete = BTreeMap::new();
-    for (outcome, path) in &streams {
+    for (outcome, _) in &collected.streams {
         if let Some(e) = &outcome.error {
             notes.push(format!("cpu{}: {e}", outcome.cpu));
         }
-        if !outcome.complete {
+        if outcome.cut > 0 {
             notes.push(format!(
-                "cpu{}: stream incomplete ({} bytes arrived{})",
-                outcome.cpu,
-                outcome.received,
-                stopped
-                    .as_ref()
-                    .and_then(|s| s.cpus.iter().find(|c| c.cpu == outcome.cpu))
-                    .map(|c| format!(" of {}", c.bytes))
-                    .unwrap_or_default()
+                "cpu{}: {} bytes not kept (--max-size reached)",
+                outcome.cpu, outcome.cut
             ));
         }
-        complete.insert(outcome.cpu, outcome.complete && outcome.error.is_none());
-        if cpus.contains(&outcome.cpu) {
-            collected.push(output::CollectedCpu {
-                cpu: outcome.cpu,
-                data: Some(path.clone()),
-                bytes: outcome.received,
-            });
+        if !outcome.complete && started.cpus.contains(&outcome.cpu) {
+            let sent = collected
+                .stopped
+                .as_ref()
+                .and_then(|s| s.cpus.get(&outcome.cpu))
+                .map(|c| format!(" of {}", c.bytes))
+                .unwrap_or_default();
+            notes.push(format!(
+                "cpu{}: stream incomplete ({} bytes arrived{sent})",
+                outcome.cpu, outcome.received
+            ));
         }
     }
-    let stats: Vec<Option<&crate::proto::CpuStopped>> =
-        (0..collected.iter().map(|c| c.cpu + 1).max().unwrap_or(0))
-            .map(|cpu| {
-                stopped
-                    .as_ref()
-                    .and_then(|s| s.cpus.iter().find(|c| c.cpu == cpu))
-            })
-            .collect();
-    let trace_id = crate::control::random_u64();
-    let meta = output::trace_meta(&files, page_size, &stats, trace_id);
-    output::write_file(&opts.output, &meta, &collected).map_err(|source| TraceError::Write {
-        path: opts.output.clone(),
-        source,
-    })?;
-    let stopped_cpus = stopped.as_ref().map(|s| s.cpus.clone()).unwrap_or_default();
-    let cpu_summaries =
-        output::count_cpus(&opts.output, &cpus, &stopped_cpus, &complete).map_err(|source| {
-            TraceError::Write {
-                path: opts.output.clone(),
-                source,
-            }
-        })?;
-    let all_complete = cpu_summaries.iter().all(|c| c.complete);
-    let summary = TraceSummary {
+    let guest_problems = collected.problems.to_notes();
+    TraceSummary {
         schema: summary::SCHEMA,
-        domain: name,
+        domain: dom.name(),
         output: opts.output.display().to_string(),
         events_requested: opts.events.clone(),
         events: started.events.clone(),
@@ -379,108 +640,32 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
         splice: started.splice,
         booted,
         stop_cause: cause,
-        duration_s: (elapsed_recording.as_secs_f64() * 10.0).round() / 10.0,
+        duration_s: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
         command: (!opts.command.is_empty()).then(|| CommandSummary {
             argv: opts.command.clone(),
-            exit_status: stopped.as_ref().and_then(|s| s.command_status),
+            exit_status: collected.stopped.as_ref().and_then(|s| s.command_status),
         }),
-        total_bytes: cpu_summaries.iter().map(|c| c.bytes).sum(),
-        total_events: cpu_summaries.iter().map(|c| c.events).sum(),
-        total_lost_events: cpu_summaries.iter().map(|c| c.lost_events).sum(),
-        cpus: cpu_summaries,
-        complete: all_complete,
+        total_bytes: cpus.iter().map(|c| c.bytes).fold(0, u64::saturating_add),
+        total_events: cpus.iter().map(|c| c.events).fold(0, u64::saturating_add),
+        total_lost_events: cpus
+            .iter()
+            .map(|c| c.lost_events)
+            .fold(0, u64::saturating_add),
+        complete: cpus.iter().all(|c| c.complete),
+        cpus,
+        max_size: opts.max_size,
+        guest_problems,
         notes,
-    };
-    Ok(TraceOutcome { summary })
-}
-
-/// Waits for a reason to stop (duration, Ctrl-C, the command's end, the domain stopping),
-/// refreshing the live display meanwhile.
-fn record_until_stop(
-    rec: &mut Recorder,
-    dom: &Dom,
-    duration: Option<Duration>,
-    progress: &mut Progress,
-) -> Result<StopCause, RecordError> {
-    let start = Instant::now();
-    let mut scanners: BTreeMap<u32, LossScanner> = BTreeMap::new();
-    let mut layout: Option<PageLayout> = None;
-    let mut last_state_check = Instant::now();
-    loop {
-        if signals() > 0 {
-            return Ok(StopCause::Interrupt);
-        }
-        if duration.is_some_and(|d| start.elapsed() >= d) {
-            return Ok(StopCause::Duration);
-        }
-        match rec.poll_stopped(Duration::from_millis(200)) {
-            Ok(true) => return Ok(StopCause::Command),
-            Ok(false) => {}
-            Err(RecordError::Control(ControlError::Closed)) => return Ok(StopCause::DomainStopped),
-            Err(e) => return Err(e),
-        }
-        if last_state_check.elapsed() >= Duration::from_millis(500) {
-            last_state_check = Instant::now();
-            if !dom.is_active().unwrap_or(true) {
-                return Ok(StopCause::DomainStopped);
-            }
-        }
-        if progress.is_enabled() {
-            if layout.is_none() {
-                layout = page_layout(rec.metadata_so_far(), rec.started_page_size());
-            }
-            let mut lost = 0;
-            if let Some(l) = &layout {
-                for s in rec.streams() {
-                    let sc = scanners
-                        .entry(s.cpu)
-                        .or_insert_with(|| LossScanner::new(&s.data_path));
-                    sc.scan(l, s.shared.received.load(Ordering::Relaxed));
-                    lost += sc.missed_events;
-                }
-            }
-            progress.update(rec.streams(), start.elapsed(), lost);
-        }
     }
 }
 
-enum StopResult {
-    Done(crate::collect::recorder::Finished),
-    Abandoned(MetadataFiles, StreamResults, StopCause, Option<String>),
-}
-
-/// Stops the recording, giving up (and keeping what arrived) on a second Ctrl-C or when the
-/// domain dies while the agent drains.
-fn stop_watching(rec: Recorder, dom: &Dom, signals_at_stop: u32) -> StopResult {
-    let mut why = None;
-    let mut last_check = Instant::now();
-    let mut abort = || {
-        if signals() > signals_at_stop {
-            why = Some(StopCause::Abandoned);
-        } else if last_check.elapsed() > Duration::from_millis(500) {
-            last_check = Instant::now();
-            if !dom.is_active().unwrap_or(true) {
-                why = Some(StopCause::DomainStopped);
-            }
-        }
-        why.is_some()
-    };
-    match rec.stop_or_abandon(Duration::from_secs(60), &mut abort) {
-        StopOutcome::Finished(f) => StopResult::Done(f),
-        StopOutcome::Abandoned {
-            metadata,
-            streams,
-            error,
-        } => {
-            // Without an error the agent went away (the domain died) or we gave up.
-            let cause = match (why, &error) {
-                (Some(c), _) => c,
-                (None, None) => StopCause::DomainStopped,
-                (None, Some(_)) => StopCause::AgentError,
-            };
-            StopResult::Abandoned(metadata, streams, cause, error.map(|e| e.to_string()))
-        }
-    }
+/// " (PATH)" for the domain's serial console log file, from its live XML, if it has one.
+fn console_hint(dom: &Dom) -> String {
+    dom.live_xml()
+        .ok()
+        .and_then(|xml| crate::domxml::console_log_path(&xml))
+        .map(|p| format!(" ({p})"))
+        .unwrap_or_default()
 }
 
 fn page_layout(files: &BTreeMap<String, Vec<u8>>, page_size: u32) -> Option<PageLayout> {

@@ -7,16 +7,17 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::proto::CpuStopped;
+use crate::collect::guest_input::CpuCounts;
 use crate::tracedat::{write_trace_dat, CpuData, TraceDatError, TraceDatFile, TraceMeta};
 
 use super::summary::CpuSummary;
 
-/// Builds the file's metadata from the guest's files (names as in docs/protocol.md).
+/// Builds the file's metadata from the guest's (checked) files, names as in
+/// docs/protocol.md. `counts` are the agent's final per-CPU numbers, if it sent them.
 pub fn trace_meta(
     files: &BTreeMap<String, Vec<u8>>,
     page_size: u32,
-    stats: &[Option<&CpuStopped>],
+    counts: Option<&BTreeMap<u32, CpuCounts>>,
     trace_id: u64,
 ) -> TraceMeta {
     let text = |name: &str| files.get(name).cloned().unwrap_or_default();
@@ -41,7 +42,14 @@ pub fn trace_meta(
                 .push(data.clone());
         }
     }
-    let all_stats = stats.iter().all(Option::is_some);
+    // CPUSTAT options are positional (one per CPU from 0): only when every CPU has one.
+    let ncpus = counts
+        .and_then(|c| c.keys().next_back())
+        .map_or(0, |&max| max + 1);
+    let stats: Vec<&CpuCounts> = (0..ncpus)
+        .filter_map(|cpu| counts.and_then(|c| c.get(&cpu)))
+        .collect();
+    let all_stats = u32::try_from(stats.len()).is_ok_and(|n| n == ncpus);
     TraceMeta {
         page_size,
         header_page: text("events/header_page"),
@@ -59,11 +67,7 @@ pub fn trace_meta(
             .map(|t| String::from_utf8_lossy(t).into_owned()),
         trace_id: Some(trace_id),
         cpu_stats: if all_stats {
-            stats
-                .iter()
-                .flatten()
-                .map(|s| s.stats_text.clone())
-                .collect()
+            stats.iter().map(|s| s.stats_text.clone()).collect()
         } else {
             Vec::new()
         },
@@ -141,33 +145,30 @@ pub fn write_file(
 pub fn count_cpus(
     output: &Path,
     recorded: &[u32],
-    stopped: &[CpuStopped],
+    counts: Option<&BTreeMap<u32, CpuCounts>>,
     complete: &BTreeMap<u32, bool>,
 ) -> Result<Vec<CpuSummary>, TraceDatError> {
     let file = TraceDatFile::open(output)?;
     let mut out = Vec::new();
     for &cpu in recorded {
         let idx = usize::try_from(cpu).unwrap_or(usize::MAX);
-        let counts = file.count_events(idx)?;
+        let found = file.count_events(idx)?;
         let extent = file.cpus().get(idx).copied();
-        let st = stopped.iter().find(|s| s.cpu == cpu);
-        let lost = match st {
-            Some(s) => s.overrun + s.commit_overrun + s.dropped_events,
-            None => counts.missed_events,
-        };
+        let st = counts.and_then(|c| c.get(&cpu));
+        let lost = st.map_or(found.missed_events, CpuCounts::lost);
         out.push(CpuSummary {
             cpu,
             bytes: extent.map_or(0, |e| e.size),
-            pages: counts.pages,
-            events: counts.events,
-            lost_events: lost.max(counts.missed_events),
-            pages_with_lost_events: counts.missed_pages,
+            pages: found.pages,
+            events: found.events,
+            lost_events: lost.max(found.missed_events),
+            pages_with_lost_events: found.missed_pages,
             bytes_sent: st.map(|s| s.bytes),
             complete: complete.get(&cpu).copied().unwrap_or(false),
             overrun: st.map(|s| s.overrun),
             commit_overrun: st.map(|s| s.commit_overrun),
             dropped_events: st.map(|s| s.dropped_events),
-            timestamps_backwards: counts.ts_backwards,
+            timestamps_backwards: found.ts_backwards,
         });
     }
     Ok(out)

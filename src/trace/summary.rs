@@ -23,6 +23,12 @@ pub enum StopCause {
     Abandoned,
     /// The agent stopped on its own (an error in the guest).
     AgentError,
+    /// The agent stopped answering (it died, or the guest locked up).
+    AgentLost,
+    /// `--max-size` worth of data was kept.
+    MaxSize,
+    /// The guest broke so many rules that tvctl stopped listening.
+    GuestMisbehaved,
 }
 
 /// One CPU's numbers.
@@ -82,6 +88,10 @@ pub struct TraceSummary {
     pub total_lost_events: u64,
     /// Every CPU's stream arrived whole.
     pub complete: bool,
+    /// `--max-size`, if given.
+    pub max_size: Option<u64>,
+    /// What the guest sent that broke a rule and was dropped (exit code 13 when not empty).
+    pub guest_problems: Vec<String>,
     /// Notes worth a look (splice fallback, stale data discarded, streams cut short).
     pub notes: Vec<String>,
 }
@@ -104,6 +114,9 @@ impl TraceSummary {
                 StopCause::DomainStopped => "domain stopped",
                 StopCause::Abandoned => "abandoned",
                 StopCause::AgentError => "agent error",
+                StopCause::AgentLost => "agent stopped answering",
+                StopCause::MaxSize => "--max-size reached",
+                StopCause::GuestMisbehaved => "the guest misbehaved",
             },
             self.output
         );
@@ -125,6 +138,9 @@ impl TraceSummary {
                 cmd.exit_status
                     .map_or_else(|| "unknown status".to_string(), |c| c.to_string())
             ));
+        }
+        for n in &self.guest_problems {
+            s.push_str(&format!("  guest problem: {n}\n"));
         }
         for n in &self.notes {
             s.push_str(&format!("  note: {n}\n"));
