@@ -6,13 +6,14 @@
 //! once, before it touches anything, with the holder's pid from the kernel's lock table
 //! (`/proc/locks`), so no pid file can go stale. The lock is tied to an open descriptor, so a
 //! crashed holder releases it by dying. While a domain's folder does not exist yet (its first
-//! `setup`), the root folder is locked instead: two first setups of any domains serialise,
-//! which costs nothing in practice.
+//! `setup`), the root folder is locked instead, and waited for (up to 30 s): two first
+//! setups of any domains take turns, which costs a moment.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Why a domain could not be locked.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +64,27 @@ impl DomainLock {
             source,
         };
         let file = File::open(&path).map_err(io)?;
-        // SAFETY: flock on a descriptor we own; it has no memory effects.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        // The folder's lock is held for a whole trace: the second comer is told at once. The
+        // root's is held only by first setups, for a moment: wait for it (bounded).
+        let patience = if path == folder {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(30)
+        };
+        let start = Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor we own; it has no memory effects.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io(err));
+            }
+            if start.elapsed() < patience {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             let meta = file.metadata().map_err(io)?;
             let pid = lock_holder(meta.dev(), meta.ino());
@@ -172,7 +188,11 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let held = DomainLock::acquire(root.path(), "new").unwrap();
         assert_eq!(held.path(), root.path());
-        assert!(DomainLock::acquire(root.path(), "other").is_err());
+        let root2 = root.path().to_path_buf();
+        let waiter = std::thread::spawn(move || DomainLock::acquire(&root2, "other").is_ok());
+        std::thread::sleep(Duration::from_millis(200));
+        drop(held);
+        assert!(waiter.join().unwrap(), "a first setup waits for the other");
     }
 
     #[test]

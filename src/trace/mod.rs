@@ -445,10 +445,10 @@ fn record_until_stop(
             Ok(false) => {}
             Err(RecordError::Control(ControlError::Closed)) => {
                 // QEMU closes our end when the domain goes away.
-                return if dom.is_active().unwrap_or(false) {
-                    StopCause::AgentLost
-                } else {
+                return if domain_went_away(dom) {
                     StopCause::DomainStopped
+                } else {
+                    StopCause::AgentLost
                 };
             }
             Err(_) => return StopCause::GuestMisbehaved,
@@ -458,6 +458,19 @@ fn record_until_stop(
             progress.update(rec.streams(), start.elapsed(), lost);
         }
     }
+}
+
+/// Whether the domain stops within a moment: QEMU closes the control socket as it exits,
+/// a little before libvirt reports the domain inactive.
+fn domain_went_away(dom: &Dom) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if !dom.is_active().unwrap_or(true) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 /// Lost events counted from page headers as pages land, for the live display.
@@ -527,6 +540,7 @@ fn stop_and_drain(
     let cause = match (&collected.end, cause) {
         (StopEnd::Watched(Watch::Abandon), _) => StopCause::Abandoned,
         (StopEnd::Watched(_), _) => StopCause::DomainStopped,
+        (StopEnd::AgentLost(_), _) if domain_went_away(dom) => StopCause::DomainStopped,
         (StopEnd::AgentLost(_), _) => StopCause::AgentLost,
         (StopEnd::Failed(_), _) => StopCause::AgentError,
         (StopEnd::Finished, StopCause::Command) => match &collected.stopped {

@@ -16,13 +16,15 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Caps on what one section may claim, far above anything a real guest produces.
-const MAX_HEADER_TEXT: u64 = 1 << 20;
-const MAX_FORMAT_TEXT: u64 = 1 << 20;
+// The same caps as the protocol's (src/proto/limits.rs): a file tvctl wrote is always one it
+// can read back.
+const MAX_HEADER_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
+const MAX_FORMAT_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
 const MAX_FORMATS: u32 = 1 << 16;
 const MAX_SYSTEM_NAME: usize = 256;
-const MAX_KALLSYMS: u64 = 1 << 30;
-const MAX_PRINTK_FORMATS: u64 = 1 << 28;
-const MAX_CMDLINES: u64 = 1 << 28;
+const MAX_KALLSYMS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
+const MAX_PRINTK_FORMATS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
+const MAX_CMDLINES: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
 const MAX_OPTION: u64 = 1 << 24;
 const MAX_OPTIONS: usize = 1 << 16;
 const MAX_TRACE_CLOCK: u64 = 1 << 16;
