@@ -327,12 +327,12 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let elapsed = start.elapsed();
     let (collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
     progress.finish();
-    let cpus = write_and_count(opts, &recording, &collected)?;
-    Ok(TraceOutcome {
-        summary: summarise(
-            dom, opts, booted, &recording, collected, cause, elapsed, cpus,
-        ),
-    })
+    let (cpus, page_problems) = write_and_count(opts, &recording, &collected)?;
+    let mut summary = summarise(
+        dom, opts, booted, &recording, collected, cause, elapsed, cpus,
+    );
+    summary.guest_problems.extend(page_problems);
+    Ok(TraceOutcome { summary })
 }
 
 /// What the agent said when the recording started (checked), kept for the file and summary.
@@ -552,13 +552,14 @@ fn stop_and_drain(
     (collected, cause)
 }
 
-/// Writes the file (temporary name, then rename) from what was collected, then reads it back
-/// to count events and lost events per CPU.
+/// Writes the file (temporary name, then rename) from what was collected, leaving corrupt
+/// pages out, then reads it back to count events and lost events per CPU. Also returns the
+/// guest problems found in the pages.
 fn write_and_count(
     opts: &TraceOptions,
     recording: &Recording,
     collected: &Collected,
-) -> Result<Vec<CpuSummary>, TraceError> {
+) -> Result<(Vec<CpuSummary>, Vec<String>), TraceError> {
     let cpus = &recording.started.cpus;
     let complete: BTreeMap<u32, bool> = collected
         .streams
@@ -586,8 +587,17 @@ fn write_and_count(
         path: opts.output.clone(),
         source,
     };
-    output::write_file(&opts.output, &meta, &data).map_err(write_err)?;
-    output::count_cpus(&opts.output, cpus, counts, &complete).map_err(write_err)
+    let layout = PageLayout::from_meta(&meta).ok();
+    let left_out =
+        output::write_file(&opts.output, &meta, &data, layout.as_ref()).map_err(write_err)?;
+    let problems = left_out
+        .iter()
+        .map(|(cpu, pages)| {
+            format!("cpu{cpu}: {pages} corrupt pages (they do not parse with the guest's header_page/header_event) left out")
+        })
+        .collect();
+    let cpus = output::count_cpus(&opts.output, cpus, counts, &complete).map_err(write_err)?;
+    Ok((cpus, problems))
 }
 
 /// The run's summary: what was asked, what the guest did, what the file holds.

@@ -8,7 +8,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::collect::guest_input::CpuCounts;
-use crate::tracedat::{write_trace_dat, CpuData, TraceDatError, TraceDatFile, TraceMeta};
+use crate::tracedat::{
+    write_trace_dat, CpuData, PageLayout, TraceDatError, TraceDatFile, TraceMeta,
+};
 
 use super::summary::CpuSummary;
 
@@ -84,15 +86,21 @@ pub struct CollectedCpu {
 
 /// Writes `output` (via a temporary file renamed into place, so a failed write never leaves
 /// a half file under the final name). CPUs are numbered 0..=max; gaps get empty blocks. Data
-/// that ends in a partial page (a stream cut short) is trimmed to whole pages.
+/// that ends in a partial page (a stream cut short) is trimmed to whole pages, and pages that
+/// do not walk cleanly with `layout` (the guest's headers) are left out: a corrupt page must
+/// not reach trace-cmd. Returns, per CPU, the pages left out.
 pub fn write_file(
     output: &Path,
     meta: &TraceMeta,
     collected: &[CollectedCpu],
-) -> Result<Vec<u64>, TraceDatError> {
+    layout: Option<&PageLayout>,
+) -> Result<BTreeMap<u32, u64>, TraceDatError> {
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
     let ncpus = collected.iter().map(|c| c.cpu + 1).max().unwrap_or(0);
     let page = u64::from(meta.page_size);
     let mut files: Vec<Option<(File, u64)>> = Vec::new();
+    let mut left_out = BTreeMap::new();
     for cpu in 0..ncpus {
         let entry = collected.iter().find(|c| c.cpu == cpu);
         let opened = match entry.and_then(|c| c.data.as_ref().map(|p| (p, c.bytes))) {
@@ -104,7 +112,19 @@ pub fn write_file(
                     .map_err(|e| TraceDatError::io(format!("stat {}", path.display()), e))?
                     .len()
                     .min(bytes);
-                Some((f, len - len % page))
+                let whole = len - len % page;
+                match layout {
+                    Some(layout) => {
+                        let (kept, dropped) = good_pages(&f, whole, layout, dir).map_err(|e| {
+                            TraceDatError::io(format!("check {}", path.display()), e)
+                        })?;
+                        if dropped > 0 {
+                            left_out.insert(cpu, dropped);
+                        }
+                        Some(kept.unwrap_or((f, whole)))
+                    }
+                    None => Some((f, whole)),
+                }
             }
             None => None,
         };
@@ -122,11 +142,10 @@ pub fn write_file(
             },
         })
         .collect();
-    let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
     let mut tmp = tempfile::Builder::new()
         .prefix(".tvctl-")
         .suffix(".dat.partial")
-        .tempfile_in(dir.unwrap_or(Path::new(".")))
+        .tempfile_in(dir)
         .map_err(|e| TraceDatError::io(format!("create a file next to {}", output.display()), e))?;
     write_trace_dat(tmp.as_file_mut(), meta, &cpus)?;
     let write_err = |e| TraceDatError::io(format!("write {}", output.display()), e);
@@ -135,10 +154,68 @@ pub fn write_file(
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
     tmp.as_file().set_permissions(perms).map_err(write_err)?;
     tmp.persist(output).map_err(|e| write_err(e.error))?;
-    Ok(files
-        .iter()
-        .map(|f| f.as_ref().map_or(0, |(_, len)| *len))
-        .collect())
+    Ok(left_out)
+}
+
+/// Whether one page walks cleanly: header, commit and every event record within bounds.
+pub fn page_is_good(layout: &PageLayout, page: &[u8]) -> bool {
+    layout
+        .page(page)
+        .is_ok_and(|p| p.events().all(|event| event.is_ok()))
+}
+
+/// `len` bytes of whole pages of `file` without its bad pages: `None` when every page is good
+/// (the common case: nothing is copied), else a new file in `dir` with the good pages only,
+/// and its length. Also returns how many pages were left out.
+fn good_pages(
+    file: &File,
+    len: u64,
+    layout: &PageLayout,
+    dir: &Path,
+) -> std::io::Result<(Option<(File, u64)>, u64)> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let ps = layout.page_size();
+    let mut buf = vec![0u8; ps * 256];
+    let mut kept: Option<(File, u64)> = None;
+    let mut dropped = 0u64;
+    let mut offset = 0u64;
+    while offset < len {
+        let n = usize::try_from(len - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        file.read_exact_at(&mut buf[..n], offset)?;
+        for (i, page) in buf[..n].chunks_exact(ps).enumerate() {
+            let at = offset + (i * ps) as u64;
+            let good = page_is_good(layout, page);
+            match (&mut kept, good) {
+                (None, true) => {}
+                (None, false) => {
+                    let mut out = tempfile::tempfile_in(dir)?;
+                    copy_prefix(file, at, &mut out)?;
+                    kept = Some((out, at));
+                    dropped += 1;
+                }
+                (Some((out, out_len)), true) => {
+                    out.write_all(page)?;
+                    *out_len += ps as u64;
+                }
+                (Some(_), false) => dropped += 1,
+            }
+        }
+        offset += n as u64;
+    }
+    Ok((kept, dropped))
+}
+
+/// Copies the first `len` bytes of `from` to `to`.
+fn copy_prefix(from: &File, len: u64, to: &mut File) -> std::io::Result<()> {
+    use std::io::{Read, Seek};
+    let mut src = from.try_clone()?;
+    src.seek(std::io::SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut src.take(len), to)?;
+    if copied != len {
+        return Err(std::io::Error::other("data file shrank while being copied"));
+    }
+    Ok(())
 }
 
 /// Reads `output` back and counts, per CPU, pages, events and lost events.
@@ -172,4 +249,77 @@ pub fn count_cpus(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const HEADER_PAGE: &[u8] = include_bytes!("../../tests/data/tracedat/header_page_64.txt");
+    const HEADER_EVENT: &[u8] = include_bytes!("../../tests/data/tracedat/header_event.txt");
+
+    /// A page with one 8-byte event of type `id` (type_len 2), committed.
+    fn good_page(ts: u64, id: u16) -> Vec<u8> {
+        let mut page = vec![0u8; 4096];
+        page[..8].copy_from_slice(&ts.to_le_bytes());
+        page[8..16].copy_from_slice(&12u64.to_le_bytes());
+        page[16..20].copy_from_slice(&2u32.to_le_bytes()); // type_len 2, delta 0
+        page[20..22].copy_from_slice(&id.to_le_bytes());
+        page
+    }
+
+    /// A page whose commit says its one event runs past the data.
+    fn bad_page() -> Vec<u8> {
+        let mut page = good_page(5, 1);
+        page[16..20].copy_from_slice(&27u32.to_le_bytes()); // type_len 27: 108 bytes
+        page
+    }
+
+    fn data_file(pages: &[Vec<u8>]) -> (tempfile::TempDir, File, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cpu0.data");
+        let mut f = File::create(&path).unwrap();
+        for p in pages {
+            f.write_all(p).unwrap();
+        }
+        let len = pages.len() as u64 * 4096;
+        (dir, File::open(&path).unwrap(), len)
+    }
+
+    fn layout() -> PageLayout {
+        PageLayout::parse(HEADER_PAGE, HEADER_EVENT, 4096).unwrap()
+    }
+
+    #[test]
+    fn good_data_is_not_copied() {
+        let (dir, f, len) = data_file(&[good_page(1, 1), good_page(2, 1)]);
+
+        let (kept, dropped) = good_pages(&f, len, &layout(), dir.path()).unwrap();
+
+        assert!(kept.is_none());
+        assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn corrupt_pages_are_left_out_and_the_others_kept_in_order() {
+        let pages = [
+            good_page(1, 7),
+            bad_page(),
+            good_page(3, 8),
+            bad_page(),
+            good_page(4, 9),
+        ];
+        let (dir, f, len) = data_file(&pages);
+
+        let (kept, dropped) = good_pages(&f, len, &layout(), dir.path()).unwrap();
+
+        let (mut file, kept_len) = kept.expect("a filtered copy");
+        assert_eq!(dropped, 2);
+        assert_eq!(kept_len, 3 * 4096);
+        let mut bytes = Vec::new();
+        std::io::Seek::rewind(&mut file).unwrap();
+        std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+        assert_eq!(bytes, [&pages[0][..], &pages[2], &pages[4]].concat());
+    }
 }
