@@ -167,7 +167,7 @@ impl LossScanner {
                     MissedEvents::Unknown => self.missed_pages += 1,
                     MissedEvents::Count(n) => {
                         self.missed_pages += 1;
-                        self.missed_events += n;
+                        self.missed_events = self.missed_events.saturating_add(n);
                     }
                 }
             }

@@ -683,13 +683,47 @@ fn summarise(
     }
 }
 
-/// " (PATH)" for the domain's serial console log file, from its live XML, if it has one.
+/// " (PATH); its last lines: …" for the domain's serial console log file, from its live XML,
+/// if it has one. The lines come from the guest: escaped, and only the last few.
 fn console_hint(dom: &Dom) -> String {
-    dom.live_xml()
+    let Some(path) = dom
+        .live_xml()
         .ok()
         .and_then(|xml| crate::domxml::console_log_path(&xml))
-        .map(|p| format!(" ({p})"))
-        .unwrap_or_default()
+    else {
+        return String::new();
+    };
+    let tail = console_tail(Path::new(&path), 5);
+    if tail.is_empty() {
+        format!(" ({path})")
+    } else {
+        format!(" ({path}); its last lines: {}", tail.join(" | "))
+    }
+}
+
+/// The last `n` non-empty lines of a log, read from its last 4 KiB, each escaped.
+fn console_tail(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(4096))).is_err()
+        || f.take(4096).read_to_end(&mut buf).is_err()
+    {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| clean_text(l.chars().take(200).collect::<String>().as_str()))
+        .collect();
+    let skip = lines.len().saturating_sub(n);
+    lines.drain(..skip);
+    lines
 }
 
 fn page_layout(files: &BTreeMap<String, Vec<u8>>, page_size: u32) -> Option<PageLayout> {
