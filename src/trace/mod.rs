@@ -325,9 +325,9 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let start = Instant::now();
     let cause = record_until_stop(&mut rec, dom, opts.duration, &mut progress);
     let elapsed = start.elapsed();
-    let (collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
+    let (mut collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
     progress.finish();
-    let (cpus, page_problems) = write_and_count(opts, &recording, &collected)?;
+    let (cpus, page_problems) = write_and_count(opts, &recording, &mut collected)?;
     let mut summary = summarise(
         dom, opts, booted, &recording, collected, cause, elapsed, cpus,
     );
@@ -558,7 +558,7 @@ fn stop_and_drain(
 fn write_and_count(
     opts: &TraceOptions,
     recording: &Recording,
-    collected: &Collected,
+    collected: &mut Collected,
 ) -> Result<(Vec<CpuSummary>, Vec<String>), TraceError> {
     let cpus = &recording.started.cpus;
     let complete: BTreeMap<u32, bool> = collected
@@ -578,7 +578,7 @@ fn write_and_count(
         .collect();
     let counts = collected.stopped.as_ref().map(|s| &s.cpus);
     let meta = output::trace_meta(
-        &collected.metadata,
+        std::mem::take(&mut collected.metadata),
         recording.hello.page_size,
         counts,
         crate::control::random_u64(),

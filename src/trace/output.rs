@@ -15,14 +15,26 @@ use crate::tracedat::{
 use super::summary::CpuSummary;
 
 /// Builds the file's metadata from the guest's (checked) files, names as in
-/// docs/protocol.md. `counts` are the agent's final per-CPU numbers, if it sent them.
+/// docs/protocol.md, moving them (they may be tens of MiB: never held twice). `counts` are
+/// the agent's final per-CPU numbers, if it sent them.
 pub fn trace_meta(
-    files: &BTreeMap<String, Vec<u8>>,
+    mut files: BTreeMap<String, Vec<u8>>,
     page_size: u32,
     counts: Option<&BTreeMap<u32, CpuCounts>>,
     trace_id: u64,
 ) -> TraceMeta {
-    let text = |name: &str| files.get(name).cloned().unwrap_or_default();
+    let mut take = |name: &str| files.remove(name).unwrap_or_default();
+    let header_page = take("events/header_page");
+    let header_event = take("events/header_event");
+    let kallsyms = take("kallsyms");
+    let printk_formats = take("printk_formats");
+    let saved_cmdlines = take("saved_cmdlines");
+    let uname = files
+        .remove("uname")
+        .map(|u| String::from_utf8_lossy(&u).trim().to_string());
+    let trace_clock = files
+        .remove("trace_clock")
+        .map(|t| String::from_utf8_lossy(&t).into_owned());
     let mut ftrace = Vec::new();
     let mut systems: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for (name, data) in files {
@@ -36,12 +48,9 @@ pub fn trace_meta(
             continue;
         };
         if system == "ftrace" {
-            ftrace.push(data.clone());
+            ftrace.push(data);
         } else {
-            systems
-                .entry(system.to_string())
-                .or_default()
-                .push(data.clone());
+            systems.entry(system.to_string()).or_default().push(data);
         }
     }
     // CPUSTAT options are positional (one per CPU from 0): only when every CPU has one.
@@ -54,19 +63,15 @@ pub fn trace_meta(
     let all_stats = u32::try_from(stats.len()).is_ok_and(|n| n == ncpus);
     TraceMeta {
         page_size,
-        header_page: text("events/header_page"),
-        header_event: text("events/header_event"),
+        header_page,
+        header_event,
         ftrace_formats: ftrace,
         event_systems: systems.into_iter().collect(),
-        kallsyms: text("kallsyms"),
-        printk_formats: text("printk_formats"),
-        saved_cmdlines: text("saved_cmdlines"),
-        uname: files
-            .get("uname")
-            .map(|u| String::from_utf8_lossy(u).trim().to_string()),
-        trace_clock: files
-            .get("trace_clock")
-            .map(|t| String::from_utf8_lossy(t).into_owned()),
+        kallsyms,
+        printk_formats,
+        saved_cmdlines,
+        uname,
+        trace_clock,
         trace_id: Some(trace_id),
         cpu_stats: if all_stats {
             stats.iter().map(|s| s.stats_text.clone()).collect()
