@@ -67,6 +67,33 @@ impl SplicePipe {
         }
     }
 
+    /// Splices up to `max` of the bytes in the pipe to `dst`, in one call: `Ok(Some(k))` moved
+    /// `k` > 0 bytes, `Ok(None)` means a non-blocking `dst` is full. For callers that bound their
+    /// waits themselves (the agent's pumps); [`SplicePipe::push_all`] waits as long as it takes.
+    pub fn push(&self, dst: impl AsFd, max: usize) -> io::Result<Option<usize>> {
+        loop {
+            match splice(
+                &self.read,
+                None,
+                dst.as_fd(),
+                None,
+                max,
+                SpliceFFlags::SPLICE_F_MOVE,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "splice to the destination moved nothing",
+                    ))
+                }
+                Ok(k) => return Ok(Some(k)),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Moves exactly `n` bytes that are in the pipe to `dst` (blocking on `dst` as needed).
     pub fn push_all(&self, dst: impl AsFd, mut n: usize) -> io::Result<()> {
         while n > 0 {
@@ -94,12 +121,32 @@ impl SplicePipe {
     }
 }
 
-/// Blocks until `fd` is writable (for destinations opened non-blocking).
+/// Waits up to a second until `fd` is writable (for destinations opened non-blocking).
 pub fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    wait_writable_for(fd, std::time::Duration::from_secs(1)).map(|_| ())
+}
+
+/// Waits up to `timeout` until `fd` is writable; true if it said so. poll(2) returning early
+/// without `POLLOUT` (a hang-up or an error: a virtio port whose host side is closed reports
+/// `POLLHUP` at once) waits out `timeout`, so callers that loop never spin.
+pub fn wait_writable_for(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let start = std::time::Instant::now();
     let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
-    match poll(&mut fds, PollTimeout::from(1000u16)) {
-        Ok(_) | Err(Errno::EINTR) => Ok(()),
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(Errno::EINTR) => {
+            let writable = fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLOUT));
+            if !writable {
+                std::thread::sleep(timeout.saturating_sub(start.elapsed()));
+            }
+            Ok(writable)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -124,6 +171,25 @@ pub fn wait_readable(
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes what `fd` takes of `buf` in one call: `Ok(Some(k))` wrote `k` > 0 bytes, `Ok(None)`
+/// means a non-blocking `fd` is full. The bounded counterpart of [`write_all_fd`].
+pub fn write_some(fd: impl AsFd, buf: &[u8]) -> io::Result<Option<usize>> {
+    loop {
+        match nix::unistd::write(fd.as_fd(), buf) {
+            Ok(0) if !buf.is_empty() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write moved nothing",
+                ))
+            }
+            Ok(n) => return Ok(Some(n)),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -175,5 +241,55 @@ mod tests {
         let mut back = Vec::new();
         dst.read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
+    }
+
+    /// A non-blocking pipe filled up to the brim.
+    fn full_pipe() -> (OwnedFd, OwnedFd) {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+        let chunk = [7u8; 4096];
+        while write_some(&w, &chunk).unwrap().is_some() {}
+        (r, w)
+    }
+
+    #[test]
+    fn one_step_writes_say_would_block_instead_of_waiting() {
+        // Arrange: a destination that takes nothing more, and a splice pipe holding a page.
+        let (_keep_reader, dst) = full_pipe();
+        let mut src = tempfile::tempfile().unwrap();
+        src.write_all(&[1u8; 4096]).unwrap();
+        src.rewind().unwrap();
+        let pipe = SplicePipe::new(1 << 16).unwrap();
+        assert_eq!(pipe.pull(&src, 4096, false).unwrap(), Pulled::Bytes(4096));
+
+        // Act + Assert: both one-step writers come back at once with None.
+        let start = std::time::Instant::now();
+        assert_eq!(pipe.push(&dst, 4096).unwrap(), None);
+        assert_eq!(write_some(&dst, b"x").unwrap(), None);
+        assert!(start.elapsed() < std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn waiting_to_write_on_a_hung_up_fd_sleeps_instead_of_spinning() {
+        // Arrange: a full pipe whose reader is gone: poll(2) reports POLLERR (and no POLLOUT)
+        // at once, as a virtio port whose host side closed reports POLLHUP.
+        let (r, w) = full_pipe();
+        drop(r);
+        let timeout = std::time::Duration::from_millis(200);
+
+        // Act
+        let start = std::time::Instant::now();
+        let writable = wait_writable_for(w.as_fd(), timeout).unwrap();
+
+        // Assert: not writable, and the whole timeout was slept.
+        assert!(!writable);
+        assert!(start.elapsed() >= timeout - std::time::Duration::from_millis(20));
+    }
+
+    #[test]
+    fn waiting_to_write_returns_at_once_when_there_is_room() {
+        let (_r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+        let start = std::time::Instant::now();
+        assert!(wait_writable_for(w.as_fd(), std::time::Duration::from_secs(5)).unwrap());
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 }

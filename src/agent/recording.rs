@@ -3,14 +3,21 @@
 //!
 //! `Recording::start` validates the request completely before touching tracefs (events are
 //! resolved against `available_events`, the clock against `trace_clock`, sizes bounded), so a
-//! bad request changes nothing. `Recording::stop` turns tracing off, drains every CPU, collects
-//! the metadata trace-cmd needs, and removes the instance: the guest is left as it was.
+//! bad request changes nothing. `Recording::finish` turns tracing off, drains every CPU, collects
+//! the metadata trace-cmd needs, and removes the instance: the guest is left as it was. The
+//! stop's order is safe for the kernel and every wait in it is bounded (`shutdown` says why,
+//! step by step; [`stop`] holds the bounded waits).
+
+mod stop;
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use stop::Leftover;
 
 use crate::proto::limits::{MAX_BUFFER_KB, MAX_COMMAND_ARGS, MAX_EVENTS_PER_REQUEST, MAX_TEXT};
 use crate::proto::{
@@ -18,7 +25,7 @@ use crate::proto::{
 };
 
 use super::ports::PortMap;
-use super::pump::{self, PumpConfig, PumpOutcome, PumpShared};
+use super::pump::{self, PumpConfig, PumpOutcome, PumpShared, Waker};
 use super::tracefs::{EventName, Instance, Tracefs, TracefsError};
 
 /// Instances of ours are named `tvctl-<nonce>`; stale ones are removed at agent start.
@@ -64,6 +71,8 @@ pub struct Recording {
     tracefs: Tracefs,
     events: Vec<EventName>,
     pumps: Vec<CpuPump>,
+    /// Rung once, at stop, so pumps asleep in poll(2) start draining at once.
+    waker: Arc<Waker>,
     command: Option<Child>,
     command_status: Option<i32>,
 }
@@ -72,6 +81,11 @@ pub struct Recording {
 pub struct Finished {
     pub metadata: Vec<(String, Vec<u8>)>,
     pub stopped: Stopped,
+    /// CPUs whose stream ended before their buffer was drained, and why; the host hears of
+    /// them in an `Error` (and `stopped.reason` is then `AgentError`).
+    pub cut_short: Vec<String>,
+    /// What the stop could not finish within its bounds; the control loop finishes it.
+    pub leftover: Option<Leftover>,
 }
 
 impl Recording {
@@ -148,11 +162,18 @@ impl Recording {
         }
 
         // 3. Pumps first, so no page is lost, then tracing on, then the command.
+        let waker = Waker::new().map_err(|e| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("cannot make the pumps' wake-up pipe: {e}"),
+            )
+        })?;
         let mut rec = Recording {
             instance: Some(instance),
             tracefs: tracefs.clone(),
             events,
             pumps: Vec::new(),
+            waker: Arc::new(waker),
             command: None,
             command_status: None,
         };
@@ -169,6 +190,7 @@ impl Recording {
                 page_size: usize::try_from(page_size).unwrap_or(4096),
                 marker: marker.to_bytes().to_vec(),
                 force_copy,
+                waker: Arc::clone(&rec.waker),
             };
             let shared = Arc::new(PumpShared::default());
             let handle = pump::spawn(cfg, Arc::clone(&shared)).map_err(|e| {
@@ -268,56 +290,73 @@ impl Recording {
         self.shutdown(reason)
     }
 
+    /// The stop, in the only order that is safe for the kernel and for the data: tracing off,
+    /// pumps woken to drain, command ended, every pump thread ended, counts and metadata read,
+    /// and only then the instance removed. Every wait is bounded ([`stop`]): a pump or a
+    /// command that does not end in time is reported, not waited for.
     fn shutdown(&mut self, reason: StopReason) -> Finished {
         let instance = self.instance.take().expect("instance lives until finish");
-        let _ = instance.set_tracing_on(false);
-        if let Some(mut child) = self.command.take() {
-            if self.command_status.is_none() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                self.command_status = child.wait().ok().map(exit_code);
-            }
+
+        // 1. Tracing off, first: the buffers stop growing, so each pump's drain has an end.
+        //    It is the only write to the instance while pumps read it: buffer_size_kb and
+        //    trace_clock would resize or reset the buffer under its readers, so the stop
+        //    touches neither. Writing 0 also wakes the kernel's waiters on the buffer.
+        if let Err(e) = instance.set_tracing_on(false) {
+            // The drain is then ended by the time bound instead of by an empty buffer.
+            log(&format!("could not turn tracing off: {e}"));
         }
+
+        // 2. Then tell the pumps, and ring the waker for those asleep in poll(2). `stop` is set
+        //    only after tracing is off, so a pump that sees it knows what is left is final.
+        let drain_deadline = Instant::now() + stop::DRAIN_LIMIT;
         for p in &self.pumps {
             p.shared.stop.store(true, Ordering::SeqCst);
         }
-        let mut cpus = Vec::new();
-        let mut notes = Vec::new();
-        for p in self.pumps.drain(..) {
-            let outcome = p.handle.join().unwrap_or_else(|_| PumpOutcome {
-                cpu: p.cpu,
-                bytes: p.shared.bytes.load(Ordering::SeqCst),
-                spliced: false,
-                note: Some("pump thread panicked".into()),
-                error: None,
-            });
+        self.waker.wake();
+
+        // 3. The command ends while the pumps drain: SIGTERM, then SIGKILL, bounded.
+        if let Some(child) = self.command.take() {
+            if self.command_status.is_none() {
+                self.command_status = stop::end_command(child);
+            }
+        }
+
+        // 4. Every pump thread ends before anything of the instance is read or removed.
+        //    Bounded: past the deadline a pump is told to give up; one that still runs is
+        //    reported and left running (its files stay open, so the instance stays too).
+        let ended = stop::finish_pumps(std::mem::take(&mut self.pumps), drain_deadline);
+        let mut cpus = Vec::with_capacity(ended.outcomes.len());
+        let mut cut_short = Vec::new();
+        for outcome in &ended.outcomes {
             if let Some(e) = &outcome.error {
-                notes.push(format!("cpu{}: {e}", p.cpu));
+                log(&format!("cpu{}: {e}", outcome.cpu));
             }
             if let Some(n) = &outcome.note {
-                notes.push(n.clone());
+                log(n);
             }
-            let stats = instance.stats(p.cpu).unwrap_or_default();
-            cpus.push(CpuStopped {
-                cpu: p.cpu,
-                bytes: outcome.bytes,
-                entries: stats.entries,
-                overrun: stats.overrun,
-                commit_overrun: stats.commit_overrun,
-                dropped_events: stats.dropped_events,
-                read_events: stats.read_events,
-                stats_text: truncate(&stats.text, MAX_TEXT),
-            });
-        }
-        for n in &notes {
-            eprintln!("tvctl-agent: {n}");
+            if !outcome.drained && outcome.error.is_none() {
+                cut_short.push(
+                    outcome
+                        .note
+                        .clone()
+                        .unwrap_or_else(|| format!("cpu{}: not drained", outcome.cpu)),
+                );
+            }
+            // 5. Final counts, while the instance exists and nobody reads it any more.
+            cpus.push(cpu_stopped(&instance, outcome));
         }
         let metadata = self.final_metadata();
-        if let Err(e) = instance.remove() {
-            eprintln!("tvctl-agent: could not remove instance: {e}");
-        }
+
+        // 6. Only now the instance goes: all files into it are closed (the kernel refuses
+        //    rmdir with EBUSY while one is open), and no pump's pipe holds its pages. If a pump
+        //    still runs, or the kernel says busy, the control loop retries later.
+        let leftover = Leftover::remove_now_or_later(instance, ended.running);
+
+        let reason = if cut_short.is_empty() || reason == StopReason::HostGone {
+            reason
+        } else {
+            StopReason::AgentError
+        };
         Finished {
             metadata,
             stopped: Stopped {
@@ -325,6 +364,8 @@ impl Recording {
                 command_status: self.command_status,
                 cpus,
             },
+            cut_short,
+            leftover,
         }
     }
 
@@ -401,9 +442,33 @@ impl Drop for Recording {
     /// instance, so the next request finds the guest clean.
     fn drop(&mut self) {
         if self.instance.is_some() {
-            let _ = self.shutdown(StopReason::AgentError);
+            let finished = self.shutdown(StopReason::AgentError);
+            if finished.leftover.is_some() {
+                // Nobody looks at it again; dropping it tries rmdir once more, and the agent's
+                // next start removes whatever is still there.
+                log("a failed start could not remove its instance yet");
+            }
         }
     }
+}
+
+/// One CPU's line of `Stopped`: the pump's exact byte count and the buffer's statistics.
+fn cpu_stopped(instance: &Instance, outcome: &PumpOutcome) -> CpuStopped {
+    let stats = instance.stats(outcome.cpu).unwrap_or_default();
+    CpuStopped {
+        cpu: outcome.cpu,
+        bytes: outcome.bytes,
+        entries: stats.entries,
+        overrun: stats.overrun,
+        commit_overrun: stats.commit_overrun,
+        dropped_events: stats.dropped_events,
+        read_events: stats.read_events,
+        stats_text: truncate(&stats.text, MAX_TEXT),
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("tvctl-agent: {msg}");
 }
 
 /// Refuses buffer sizes of 0, over the protocol cap, or larger than the guest can hold.

@@ -23,7 +23,7 @@ use crate::proto::{
 };
 
 use super::ports::PortMap;
-use super::recording::{Recording, INSTANCE_PREFIX};
+use super::recording::{Finished, Leftover, Recording, INSTANCE_PREFIX};
 use super::report::online_cpus;
 use super::tracefs::{current_clock, Tracefs};
 
@@ -79,6 +79,7 @@ pub fn run(opts: &AgentOptions) -> io::Result<()> {
             decoder: FrameDecoder::new(),
             version: None,
             recording: None,
+            leftovers: Vec::new(),
         };
         agent.serve()?;
     }
@@ -97,6 +98,9 @@ struct Agent {
     /// The session's protocol version; None while no session is open.
     version: Option<u16>,
     recording: Option<Recording>,
+    /// What earlier stops could not finish in time (a pump still running, an instance the
+    /// kernel would not remove yet); looked at on every tick, never waited for.
+    leftovers: Vec<Leftover>,
 }
 
 enum Input {
@@ -109,6 +113,7 @@ impl Agent {
     fn serve(&mut self) -> io::Result<()> {
         let mut host_here = false;
         loop {
+            self.leftovers.retain_mut(|l| !l.try_finish());
             match self.read_input()? {
                 Input::HostGone => {
                     if host_here {
@@ -318,13 +323,33 @@ impl Agent {
         let Some(rec) = self.recording.take() else {
             return;
         };
-        let finished = rec.finish(reason);
+        let finished = self.finish(rec, reason);
         if !self.send_metadata(&finished.metadata) {
             return;
         }
+        if !finished.cut_short.is_empty() {
+            // docs/protocol.md §4.8: an Error reports the failure, Stopped{AgentError} ends it.
+            let text = format!(
+                "data streams ended before their buffers were drained: {}",
+                finished.cut_short.join("; ")
+            );
+            self.send_error(ErrorCode::Internal, &text);
+        }
         let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
-        log(&format!("stopped ({reason:?}); bytes per cpu {bytes:?}"));
+        log(&format!(
+            "stopped ({:?}); bytes per cpu {bytes:?}",
+            finished.stopped.reason
+        ));
         self.send(&Message::Stopped(finished.stopped));
+    }
+
+    /// Stops `rec` and keeps what its stop could not finish for later ticks.
+    fn finish(&mut self, rec: Recording, reason: StopReason) -> Finished {
+        let mut finished = rec.finish(reason);
+        if let Some(leftover) = finished.leftover.take() {
+            self.leftovers.push(leftover);
+        }
+        finished
     }
 
     /// Sends files as Metadata chunks; false if the host stopped listening.
@@ -348,7 +373,7 @@ impl Agent {
     /// tell).
     fn end_session(&mut self, reason: StopReason) {
         if let Some(rec) = self.recording.take() {
-            let finished = rec.finish(reason);
+            let finished = self.finish(rec, reason);
             let bytes: Vec<u64> = finished.stopped.cpus.iter().map(|c| c.bytes).collect();
             log(&format!(
                 "recording abandoned ({reason:?}); bytes per cpu {bytes:?}"

@@ -401,9 +401,16 @@ impl Instance {
 
     /// Turns the instance off and removes it; every fd into it must be closed by now.
     pub fn remove(mut self) -> Result<(), TracefsError> {
-        self.removed = true;
+        self.try_remove()
+    }
+
+    /// Like [`Instance::remove`], but keeps the instance when the kernel refuses (`EBUSY`
+    /// while any file of it is open), so the caller can try again later.
+    pub fn try_remove(&mut self) -> Result<(), TracefsError> {
         let _ = self.set_tracing_on(false);
-        fs::remove_dir(&self.path).map_err(io_err(&self.path))
+        fs::remove_dir(&self.path).map_err(io_err(&self.path))?;
+        self.removed = true;
+        Ok(())
     }
 }
 
