@@ -7,7 +7,8 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use tvctl::collect::recorder::{Recorder, RecorderConfig};
+use tvctl::collect::guest_input::GuestStopped;
+use tvctl::collect::recorder::{Collected, Recorder, RecorderConfig, StopEnd, Watch};
 use tvctl::control::{ControlChannel, ControlError};
 use tvctl::proto::{ErrorCode, Message, MessageKind, Ping, StopReason};
 
@@ -29,8 +30,24 @@ fn config(
         command: command.iter().map(|s| s.to_string()).collect(),
         connect_timeout: Duration::from_secs(30),
         reply_timeout: Duration::from_secs(60),
+        max_bytes: None,
     };
     (cfg, data)
+}
+
+/// Starts a recording; nothing interrupts it.
+fn start(vm: &common::TestVm, cfg: RecorderConfig) -> Recorder {
+    Recorder::start(cfg, &mut || Watch::Go)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()))
+}
+
+/// Stops a recording and insists it ended whole, with the agent's final counts.
+fn stop(vm: &common::TestVm, rec: Recorder) -> (Collected, GuestStopped) {
+    let mut done = rec.stop(Duration::from_secs(30), &mut || Watch::Go);
+    assert_eq!(done.end, StopEnd::Finished, "{}", vm.console_report());
+    assert!(done.problems.is_empty(), "{:?}", done.problems.to_notes());
+    let stopped = done.stopped.take().expect("Stopped");
+    (done, stopped)
 }
 
 /// Runs a shell command in the guest inside a short recording; returns the console line that
@@ -38,7 +55,7 @@ fn config(
 fn guest_shell(vm: &common::TestVm, tag: &str, script: &str) -> (String, String) {
     let full = format!("echo {tag} $({script})");
     let (cfg, _data) = config(vm, &["sched:sched_switch"], &["/bin/sh", "-c", &full]);
-    let mut rec = Recorder::start(cfg).unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
+    let mut rec = start(vm, cfg);
     let instance = rec.started.instance.clone();
     assert!(
         rec.poll_stopped(Duration::from_secs(60))
@@ -46,9 +63,9 @@ fn guest_shell(vm: &common::TestVm, tag: &str, script: &str) -> (String, String)
         "command did not end\n{}",
         vm.console_report()
     );
-    let done = rec.stop(Duration::from_secs(30)).expect("stop");
-    assert_eq!(done.stopped.reason, StopReason::CommandExited);
-    assert_eq!(done.stopped.command_status, Some(0));
+    let (_, stopped) = stop(vm, rec);
+    assert_eq!(stopped.reason, StopReason::CommandExited);
+    assert_eq!(stopped.command_status, Some(0));
     let line = vm.wait_console_line(&format!("{tag} "), Duration::from_secs(10));
     let out = line
         .split_once(&format!("{tag} "))
@@ -70,23 +87,18 @@ fn record_on_every_vcpu_gives_exact_whole_pages_and_leaves_the_guest_clean() {
 
     // Act: record sched_switch for a few seconds on every vCPU, then stop.
     let (cfg, _data) = config(&vm, &["sched:sched_switch"], &[]);
-    let rec = Recorder::start(cfg).unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
+    let rec = start(&vm, cfg);
     assert_eq!(rec.started.cpus, (0..VCPUS).collect::<Vec<_>>());
     assert_eq!(rec.started.events, ["sched:sched_switch"]);
     std::thread::sleep(Duration::from_secs(3));
-    let done = rec.stop(Duration::from_secs(30)).expect("stop");
+    let (done, stopped) = stop(&vm, rec);
 
     // Assert: bytes per CPU equal the agent's counts and are whole pages.
-    assert_eq!(done.stopped.reason, StopReason::HostRequest);
-    assert_eq!(done.stopped.cpus.len(), VCPUS as usize);
+    assert_eq!(stopped.reason, StopReason::HostRequest);
+    assert_eq!(stopped.cpus.len(), VCPUS as usize);
     let mut total = 0;
     for (outcome, path) in &done.streams {
-        let cpu = done
-            .stopped
-            .cpus
-            .iter()
-            .find(|c| c.cpu == outcome.cpu)
-            .expect("cpu in Stopped");
+        let cpu = stopped.cpus.get(&outcome.cpu).expect("cpu in Stopped");
         let on_disk = std::fs::metadata(path).expect("data file").len();
         assert!(
             outcome.complete,
@@ -248,9 +260,10 @@ fn host_that_vanishes_mid_recording_leaves_the_agent_ready_and_clean() {
 
     // Arrange: a recording under way, then the host disappears without Stop or Close.
     let (cfg, _data) = config(&vm, &["sched:sched_switch", "irq:*"], &[]);
-    let rec = Recorder::start(cfg).unwrap_or_else(|e| panic!("{e}\n{}", vm.console_report()));
+    let rec = start(&vm, cfg);
     std::thread::sleep(Duration::from_secs(2));
-    let (_metadata, _streams) = rec.abandon_with_metadata(); // drops the control socket too
+    // Gives up without Stop or Close: the control socket just closes.
+    let _ = rec.abandon(StopEnd::AgentLost("test".into()));
 
     // Act: a new host; its readers drain what the old recording left in the FIFOs.
     let (instances, instance) = guest_shell(

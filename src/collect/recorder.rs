@@ -490,8 +490,10 @@ impl Recorder {
                 ));
             }
         }
-        // Best effort: tells a live agent to abort; harmless when it is gone.
-        self.chan.close();
+        if end == StopEnd::Finished {
+            self.chan.close();
+        }
+        // Otherwise the socket just closes: the agent sees the host gone and cleans up.
         let metadata = self.inbox.finish(&mut self.problems);
         Collected {
             metadata,
