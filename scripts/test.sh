@@ -36,4 +36,5 @@ done
 tier "integration tests (pure + real libvirtd + host tracefs)" cargo test "${integration[@]}"
 tier "guest tests (boot the built-in guest)" cargo test "${guest[@]}"
 tier "doc tests" cargo test --doc
+tier "fuzz (bounded, 15 s per target)" scripts/fuzz.sh 15
 echo "all tiers passed"
