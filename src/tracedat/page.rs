@@ -323,6 +323,13 @@ impl<'a> PageIter<'a> {
         self.missed
     }
 
+    /// Byte offset in the page where the walk stands: just after the last event returned; once
+    /// the walk is over, at the null padding event that ended it, at the event it failed on, or
+    /// at the end of the data.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     fn fail(
         &mut self,
         at: usize,
