@@ -26,6 +26,7 @@ mod count;
 mod format;
 mod page;
 mod reader;
+pub mod sanitize;
 mod writer;
 
 pub use count::EventCounts;
