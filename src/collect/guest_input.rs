@@ -18,6 +18,7 @@ use crate::proto::limits::{
 };
 use crate::proto::{CpuStopped, HelloReply, Metadata, MetadataAssembler, Started, Stopped};
 use crate::proto::{MetadataError, StopReason};
+use crate::tracedat::sanitize::{check_header_text, sanitize_printk_formats, FormatSet};
 use crate::tracedat::{MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 
 /// A guest answer the host cannot work with at all.
@@ -25,6 +26,8 @@ use crate::tracedat::{MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 pub enum GuestError {
     #[error("the guest agent reported a page size of {0} bytes: it must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}; the guest is not a genuine tvctl-agent or is broken (reinstall tvctl-agent)")]
     BadPageSize(u32),
+    #[error("the guest's ring-buffer headers are unusable ({0}), so none of its pages can be read safely; nothing was written. Check the guest kernel, or reinstall tvctl-agent")]
+    BadHeaders(String),
 }
 
 /// Escapes everything in `text` that could act on a terminal or fake a line of output: C0 and
@@ -302,9 +305,13 @@ fn cap_of(kind: MetadataKind) -> u64 {
 /// Receives `Metadata` chunks: only documented names, each file once, within its cap and the
 /// totals (`MAX_METADATA_FILES` files, `MAX_METADATA_TOTAL` bytes reserved at a file's first
 /// chunk). A file that breaks a rule is dropped with a note; the others are kept. Completed
-/// event formats are checked by [`crate::tracedat::sanitize`] before they are accepted.
+/// event formats, headers and `printk_formats` pass [`crate::tracedat::sanitize`] before they
+/// are accepted: nothing reaches a trace.dat that could crash or hang trace-cmd.
 #[derive(Debug, Default)]
 pub struct MetadataInbox {
+    /// The formats admitted so far (ids and names unique, common fields alike): the pages are
+    /// checked against them before they are written.
+    formats: FormatSet,
     assembler: MetadataAssembler,
     /// Names seen (complete, partial or dropped): a name counts once, whatever became of it.
     seen: BTreeSet<String>,
@@ -396,15 +403,37 @@ impl MetadataInbox {
         Ok(())
     }
 
-    /// A complete file: event formats must pass the sanitizer before they are kept.
+    /// A complete file: formats, headers and printk formats must pass the sanitizer first.
     fn accept(&mut self, name: String, data: Vec<u8>, problems: &mut GuestProblems) {
-        let check = if metadata_kind(&name) == Some(MetadataKind::Format) {
-            check_format(&name, &data)
-        } else {
-            Ok(())
+        let checked = match (name.as_str(), metadata_kind(&name)) {
+            ("events/header_page" | "events/header_event", _) => check_header_text(&data)
+                .map(|()| data)
+                .map_err(|e| e.to_string()),
+            ("printk_formats", _) => {
+                let kept = sanitize_printk_formats(&data);
+                if kept.dropped_lines > 0 {
+                    problems.note(format!(
+                        "guest printk_formats: {} lines dropped (not the kernel's form, or a width that hangs trace-cmd)",
+                        kept.dropped_lines
+                    ));
+                }
+                Ok(kept.text)
+            }
+            (n, Some(MetadataKind::Format)) => {
+                let system = n
+                    .strip_prefix("events/")
+                    .and_then(|r| r.split_once('/'))
+                    .map_or("", |(system, _)| system);
+                self.formats
+                    .admit(system, &data)
+                    .map(|_| ())
+                    .map(|()| data)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(data),
         };
-        match check {
-            Ok(()) => {
+        match checked {
+            Ok(data) => {
                 self.files.insert(name, data);
             }
             Err(why) => problems.note(format!(
@@ -420,30 +449,15 @@ impl MetadataInbox {
         &self.files
     }
 
-    /// The accepted files; a file still half-received is noted and left out.
-    pub fn finish(self, problems: &mut GuestProblems) -> BTreeMap<String, Vec<u8>> {
+    /// The accepted files and formats; a file still half-received is noted and left out.
+    pub fn finish(self, problems: &mut GuestProblems) -> (BTreeMap<String, Vec<u8>>, FormatSet) {
         for name in self.assembler.partial_names() {
             problems.note(format!(
                 "guest metadata {:?} incomplete; left out",
                 clean_text(&name)
             ));
         }
-        self.files
-    }
-}
-
-/// Checks a header or event format text before it may go into a file that trace-cmd reads.
-fn check_format(name: &str, data: &[u8]) -> Result<(), String> {
-    match name {
-        "events/header_page" | "events/header_event" => {
-            if data.is_empty() {
-                return Err("empty".into());
-            }
-            Ok(())
-        }
-        _ => crate::tracedat::parse_event_format(data)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        (self.files, self.formats)
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::control::{random_u64, ControlChannel, ControlError};
 use crate::proto::limits::DRAIN_SLACK;
 use crate::proto::{ErrorCode, Message, Ping, RecordRequest};
+use crate::tracedat::sanitize::FormatSet;
 
 use super::guest_input::{
     clean_text, GuestError, GuestHello, GuestProblems, GuestStarted, GuestStopped, MetadataInbox,
@@ -103,6 +104,8 @@ pub enum StopEnd {
 #[derive(Debug)]
 pub struct Collected {
     pub metadata: BTreeMap<String, Vec<u8>>,
+    /// The event formats admitted (checked): pages are checked against them.
+    pub formats: FormatSet,
     pub stopped: Option<GuestStopped>,
     pub streams: Vec<(StreamOutcome, PathBuf)>,
     pub end: StopEnd,
@@ -494,9 +497,10 @@ impl Recorder {
             self.chan.close();
         }
         // Otherwise the socket just closes: the agent sees the host gone and cleans up.
-        let metadata = self.inbox.finish(&mut self.problems);
+        let (metadata, formats) = self.inbox.finish(&mut self.problems);
         Collected {
             metadata,
+            formats,
             stopped,
             streams,
             end,

@@ -32,6 +32,7 @@ use crate::control::ControlError;
 use crate::exitcode::ExitCode;
 use crate::libvirt::{Dom, LibvirtError};
 use crate::proto::{ErrorCode, StopReason};
+use crate::tracedat::sanitize::check_headers;
 use crate::tracedat::{PageLayout, TraceDatError};
 
 use summary::{CommandSummary, CpuSummary, StopCause, TraceSummary};
@@ -587,13 +588,22 @@ fn write_and_count(
         path: opts.output.clone(),
         source,
     };
-    let layout = PageLayout::from_meta(&meta).ok();
-    let left_out =
-        output::write_file(&opts.output, &meta, &data, layout.as_ref()).map_err(write_err)?;
+    let layout = check_headers(&meta.header_page, &meta.header_event, meta.page_size)
+        .map_err(|e| GuestError::BadHeaders(clean_text(&e.to_string())))?;
+    let left_out = output::write_file(&opts.output, &meta, &data, &layout, &collected.formats)
+        .map_err(write_err)?;
     let problems = left_out
         .iter()
-        .map(|(cpu, pages)| {
-            format!("cpu{cpu}: {pages} corrupt pages (they do not parse with the guest's header_page/header_event) left out")
+        .map(|(cpu, scan)| {
+            let first = scan
+                .problems
+                .first()
+                .map(|(page, why)| format!("; page {page}: {}", clean_text(&why.to_string())))
+                .unwrap_or_default();
+            format!(
+                "cpu{cpu}: {} pages left out: trace-cmd could not read them safely{first}",
+                scan.dropped_pages
+            )
         })
         .collect();
     let cpus = output::count_cpus(&opts.output, cpus, counts, &complete).map_err(write_err)?;

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::collect::guest_input::CpuCounts;
+use crate::tracedat::sanitize::{scan_cpu_file, FormatSet, PageScan};
 use crate::tracedat::{
     write_trace_dat, CpuData, PageLayout, TraceDatError, TraceDatFile, TraceMeta,
 };
@@ -92,14 +93,16 @@ pub struct CollectedCpu {
 /// Writes `output` (via a temporary file renamed into place, so a failed write never leaves
 /// a half file under the final name). CPUs are numbered 0..=max; gaps get empty blocks. Data
 /// that ends in a partial page (a stream cut short) is trimmed to whole pages, and pages that
-/// do not walk cleanly with `layout` (the guest's headers) are left out: a corrupt page must
-/// not reach trace-cmd. Returns, per CPU, the pages left out.
+/// `tracedat::sanitize` refuses (they do not walk cleanly with `layout`, the guest's checked
+/// headers, or a record would make trace-cmd read out of bounds with `formats`) are left
+/// out. Returns, per CPU, the pages left out with the first problems found.
 pub fn write_file(
     output: &Path,
     meta: &TraceMeta,
     collected: &[CollectedCpu],
-    layout: Option<&PageLayout>,
-) -> Result<BTreeMap<u32, u64>, TraceDatError> {
+    layout: &PageLayout,
+    formats: &FormatSet,
+) -> Result<BTreeMap<u32, PageScan>, TraceDatError> {
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
     let ncpus = collected.iter().map(|c| c.cpu + 1).max().unwrap_or(0);
@@ -118,17 +121,14 @@ pub fn write_file(
                     .len()
                     .min(bytes);
                 let whole = len - len % page;
-                match layout {
-                    Some(layout) => {
-                        let (kept, dropped) = good_pages(&f, whole, layout, dir).map_err(|e| {
-                            TraceDatError::io(format!("check {}", path.display()), e)
-                        })?;
-                        if dropped > 0 {
-                            left_out.insert(cpu, dropped);
-                        }
-                        Some(kept.unwrap_or((f, whole)))
-                    }
-                    None => Some((f, whole)),
+                let check = |e| TraceDatError::io(format!("check {}", path.display()), e);
+                let scan = scan_cpu_file(layout, &f, whole, Some(formats)).map_err(check)?;
+                if scan.dropped_pages == 0 {
+                    Some((f, whole))
+                } else {
+                    let kept = good_pages_only(&f, &scan, dir).map_err(check)?;
+                    left_out.insert(cpu, scan);
+                    Some(kept)
                 }
             }
             None => None,
@@ -162,65 +162,24 @@ pub fn write_file(
     Ok(left_out)
 }
 
-/// Whether one page walks cleanly: header, commit and every event record within bounds.
-pub fn page_is_good(layout: &PageLayout, page: &[u8]) -> bool {
-    layout
-        .page(page)
-        .is_ok_and(|p| p.events().all(|event| event.is_ok()))
-}
-
-/// `len` bytes of whole pages of `file` without its bad pages: `None` when every page is good
-/// (the common case: nothing is copied), else a new file in `dir` with the good pages only,
-/// and its length. Also returns how many pages were left out.
-fn good_pages(
-    file: &File,
-    len: u64,
-    layout: &PageLayout,
-    dir: &Path,
-) -> std::io::Result<(Option<(File, u64)>, u64)> {
+/// A new file in `dir` holding only the good page ranges of `file`, in order, and its length.
+fn good_pages_only(file: &File, scan: &PageScan, dir: &Path) -> std::io::Result<(File, u64)> {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
-    let ps = layout.page_size();
-    let mut buf = vec![0u8; ps * 256];
-    let mut kept: Option<(File, u64)> = None;
-    let mut dropped = 0u64;
-    let mut offset = 0u64;
-    while offset < len {
-        let n = usize::try_from(len - offset).map_or(buf.len(), |left| left.min(buf.len()));
-        file.read_exact_at(&mut buf[..n], offset)?;
-        for (i, page) in buf[..n].chunks_exact(ps).enumerate() {
-            let at = offset + (i * ps) as u64;
-            let good = page_is_good(layout, page);
-            match (&mut kept, good) {
-                (None, true) => {}
-                (None, false) => {
-                    let mut out = tempfile::tempfile_in(dir)?;
-                    copy_prefix(file, at, &mut out)?;
-                    kept = Some((out, at));
-                    dropped += 1;
-                }
-                (Some((out, out_len)), true) => {
-                    out.write_all(page)?;
-                    *out_len += ps as u64;
-                }
-                (Some(_), false) => dropped += 1,
-            }
+    let mut out = tempfile::tempfile_in(dir)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    for range in &scan.good {
+        let mut at = range.start;
+        while at < range.end {
+            let n = usize::try_from(range.end - at).map_or(buf.len(), |left| left.min(buf.len()));
+            file.read_exact_at(&mut buf[..n], at)?;
+            out.write_all(&buf[..n])?;
+            at += n as u64;
+            written += n as u64;
         }
-        offset += n as u64;
     }
-    Ok((kept, dropped))
-}
-
-/// Copies the first `len` bytes of `from` to `to`.
-fn copy_prefix(from: &File, len: u64, to: &mut File) -> std::io::Result<()> {
-    use std::io::{Read, Seek};
-    let mut src = from.try_clone()?;
-    src.seek(std::io::SeekFrom::Start(0))?;
-    let copied = std::io::copy(&mut src.take(len), to)?;
-    if copied != len {
-        return Err(std::io::Error::other("data file shrank while being copied"));
-    }
-    Ok(())
+    Ok((out, written))
 }
 
 /// Reads `output` back and counts, per CPU, pages, events and lost events.
@@ -296,14 +255,15 @@ mod tests {
         PageLayout::parse(HEADER_PAGE, HEADER_EVENT, 4096).unwrap()
     }
 
+    fn scan(f: &File, len: u64) -> PageScan {
+        scan_cpu_file(&layout(), f, len, None).unwrap()
+    }
+
     #[test]
-    fn good_data_is_not_copied() {
-        let (dir, f, len) = data_file(&[good_page(1, 1), good_page(2, 1)]);
+    fn good_data_has_nothing_to_leave_out() {
+        let (_dir, f, len) = data_file(&[good_page(1, 1), good_page(2, 1)]);
 
-        let (kept, dropped) = good_pages(&f, len, &layout(), dir.path()).unwrap();
-
-        assert!(kept.is_none());
-        assert_eq!(dropped, 0);
+        assert_eq!(scan(&f, len).dropped_pages, 0);
     }
 
     #[test]
@@ -316,11 +276,11 @@ mod tests {
             good_page(4, 9),
         ];
         let (dir, f, len) = data_file(&pages);
+        let scan = scan(&f, len);
 
-        let (kept, dropped) = good_pages(&f, len, &layout(), dir.path()).unwrap();
+        let (mut file, kept_len) = good_pages_only(&f, &scan, dir.path()).unwrap();
 
-        let (mut file, kept_len) = kept.expect("a filtered copy");
-        assert_eq!(dropped, 2);
+        assert_eq!(scan.dropped_pages, 2);
         assert_eq!(kept_len, 3 * 4096);
         let mut bytes = Vec::new();
         std::io::Seek::rewind(&mut file).unwrap();

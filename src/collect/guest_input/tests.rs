@@ -1,10 +1,7 @@
 use super::*;
 use crate::proto::split_metadata;
 
-const SCHED_SWITCH: &str = "name: sched_switch\nID: 316\nformat:\n\
-    \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-    \tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\n\
-    print fmt: \"prev_comm=%s\", REC->prev_comm\n";
+const SCHED_SWITCH: &str = include_str!("../../../tests/data/tracedat/sched_switch.format");
 
 fn hello(page_size: u32) -> HelloReply {
     HelloReply {
@@ -164,7 +161,7 @@ fn documented_metadata_is_kept_and_formats_are_checked() {
         "events/sched/broken/format",
         b"no name line",
     );
-    let files = inbox.finish(&mut problems);
+    let (files, _) = inbox.finish(&mut problems);
 
     assert!(files.contains_key("uname"));
     assert!(files.contains_key("events/sched/sched_switch/format"));
@@ -237,7 +234,7 @@ fn per_kind_caps_apply_before_any_data_is_kept() {
     );
 
     assert_eq!(problems.count(), 2, "{:?}", problems.to_notes());
-    assert!(inbox.finish(&mut problems).is_empty());
+    assert!(inbox.finish(&mut problems).0.is_empty());
 }
 
 #[test]
@@ -254,7 +251,7 @@ fn a_half_sent_file_is_left_out_with_a_note() {
         &mut problems,
     );
 
-    let files = inbox.finish(&mut problems);
+    let (files, _) = inbox.finish(&mut problems);
 
     assert!(files.is_empty());
     assert_eq!(problems.count(), 1);
@@ -289,8 +286,16 @@ fn a_broken_chunk_drops_its_file_but_keeps_the_others() {
         &mut problems,
     );
 
-    let files = inbox.finish(&mut problems);
+    let (files, _) = inbox.finish(&mut problems);
 
     assert_eq!(files.keys().collect::<Vec<_>>(), ["trace_clock"]);
     assert_eq!(problems.count(), 1, "{:?}", problems.to_notes());
+}
+
+#[test]
+fn the_protocol_and_the_sanitizer_agree_on_the_format_cap() {
+    assert_eq!(
+        Ok(MAX_EVENT_FORMAT),
+        u64::try_from(crate::tracedat::sanitize::MAX_FORMAT_TEXT)
+    );
 }
