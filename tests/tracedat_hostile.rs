@@ -506,7 +506,9 @@ proptest! {
         let (report, _) = sanitize_write_report(&formats, &pages_of(&records));
 
         prop_assert!(report.survived(), "{}", report.tail());
-        prop_assert_eq!(report.golden_lines(), 2, "{}", report.tail());
+        // At least the two golden events: a mutated format that took the golden event's name
+        // (admitted first) also prints random records of its id as `golden:`.
+        prop_assert!(report.golden_lines() >= 2, "{}", report.tail());
     }
 
     #[test]
