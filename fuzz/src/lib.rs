@@ -13,6 +13,7 @@ pub mod frames;
 pub mod messages;
 pub mod metadata;
 pub mod pages;
+pub mod sanitize;
 pub mod tracedat;
 
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("messages", messages::run),
     ("metadata", metadata::run),
     ("pages", pages::run),
+    ("sanitize", sanitize::run),
     ("tracedat", tracedat::run),
 ];
 

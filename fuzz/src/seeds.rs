@@ -27,6 +27,7 @@ fn seeds(target: &str) -> Seeds {
         "messages" => messages(),
         "metadata" => metadata(),
         "pages" => pages(),
+        "sanitize" => sanitize(),
         "tracedat" => tracedat(),
         other => panic!("no seeds for target {other}: add them in src/seeds.rs"),
     }
@@ -339,6 +340,87 @@ fn pages() -> Seeds {
     ]
 }
 
+const COMMON_FIELDS: &str = "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;\n\
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;\n\
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n";
+
+/// The `golden` event of tests/tracedat_golden.rs: id 1000, a `value` after the common fields.
+fn golden_format() -> String {
+    format!(
+        "name: golden\nID: 1000\nformat:\n{COMMON_FIELDS}\n\
+\tfield:unsigned int value;\toffset:8;\tsize:4;\tsigned:0;\n\n\
+print fmt: \"value=%u\", REC->value\n"
+    )
+}
+
+/// The kernel's `sched_switch` (as in src/tracedat/sanitize/tests.rs), with a print fmt that
+/// exercises the expression parser.
+fn sched_switch_format() -> String {
+    format!(
+        "name: sched_switch\nID: 372\nformat:\n{COMMON_FIELDS}\n\
+\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;\n\
+\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;\n\
+\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;\n\
+\tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;\n\
+\tfield:int next_prio;\toffset:60;\tsize:4;\tsigned:1;\n\n\
+print fmt: \"prev_comm=%s prev_pid=%d prev_prio=%d prev_state=%s%s ==> next_comm=%s next_pid=%d \
+next_prio=%d\", REC->prev_comm, REC->prev_pid, REC->prev_prio, (REC->prev_state & ((((0x00000000 \
++ 1) << 1) << 1) - 1)) ? __print_flags(REC->prev_state & ((((0x00000000 + 1) << 1) << 1) - 1), \
+\"|\", {{ 0x00000001, \"S\" }}, {{ 0x00000002, \"D\" }}) : \"R\", \
+REC->prev_state & ((((0x00000000 + 1) << 1) << 1) - 1) ? \"+\" : \"\", \
+REC->next_comm, REC->next_pid, REC->next_prio\n"
+    )
+}
+
+const PRINTK_FORMATS: &str = "0xffffffff81e0a1b0 : \"hello %d\\n\"\n\
+0xffffffff81e0a1c0 : \"%s: %*d\"\n0xffffffff81e0a1d0 : \"x\"\n";
+
+fn sanitize() -> Seeds {
+    use crate::sanitize::PAGES_MARKER;
+    /// One `golden` record: 12 bytes of payload (common fields, value).
+    fn golden(data: PageData, delta: u32, value: u32) -> PageData {
+        let mut payload = 1000u16.to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0, 0]);
+        payload.extend_from_slice(&42u32.to_le_bytes());
+        payload.extend_from_slice(&value.to_le_bytes());
+        data.word(3, delta).bytes(&payload)
+    }
+    let page =
+        |long| golden(golden(PageData::default(), 0, 7), 500, 8).page(long, 1_000_000, 0, None);
+    let texts = |parts: &[&str]| parts.join("\0").into_bytes();
+    let with = |sel: u8, texts: Vec<u8>, page: Option<Vec<u8>>| {
+        let mut out = vec![sel];
+        out.extend_from_slice(&texts);
+        if let Some(page) = page {
+            out.extend_from_slice(PAGES_MARKER);
+            out.extend_from_slice(&page);
+        }
+        out
+    };
+    let golden_fmt = golden_format();
+    let sched = sched_switch_format();
+    let header_page = String::from_utf8(HEADER_PAGE_64.to_vec()).expect("ASCII");
+    vec![
+        (
+            "seed-golden",
+            with(0, texts(&[&golden_fmt, &sched]), Some(page(8))),
+        ),
+        ("seed-32-bit", with(1, texts(&[&golden_fmt]), Some(page(4)))),
+        (
+            "seed-formats",
+            with(0, texts(&[&sched, &golden_fmt, &sched]), None),
+        ),
+        ("seed-printk", with(0, texts(&[PRINTK_FORMATS]), None)),
+        (
+            "seed-header-page",
+            with(2, texts(&[&header_page, &golden_fmt]), Some(page(8))),
+        ),
+    ]
+}
+
 fn trace_meta(header_page: &[u8]) -> TraceMeta {
     TraceMeta {
         page_size: 4096,
@@ -545,6 +627,27 @@ fn seeds_get_past_the_first_checks() {
             .count_events(&data)
             .unwrap_or_else(|e| panic!("pages/{name}: {e:?}"));
         assert!(counts.events >= 2, "pages/{name}: {counts:?}");
+    }
+    for (name, bytes) in sanitize() {
+        use tvctl::tracedat::sanitize::FormatSet;
+        let texts = bytes[1..].split(|&b| b == 0).take_while(|t| *t != b"PAGES");
+        let mut set = FormatSet::new();
+        let admitted = texts.filter(|t| set.admit("fuzz", t).is_ok()).count();
+        assert!(admitted > 0 || name.contains("printk"), "sanitize/{name}");
+        let marker = crate::sanitize::PAGES_MARKER;
+        if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker) {
+            let header_page = if bytes[0] & 1 == 0 {
+                HEADER_PAGE_64
+            } else {
+                HEADER_PAGE_32
+            };
+            let size = 4096 << ((bytes[0] >> 1) & 3);
+            let layout = PageLayout::parse(header_page, HEADER_EVENT, size).unwrap();
+            let mut page = bytes[at + marker.len()..].to_vec();
+            page.resize(layout.page_size(), 0);
+            let scan = tvctl::tracedat::sanitize::scan_cpu_data(&layout, &page, Some(&set));
+            assert_eq!(scan.good_pages, 1, "sanitize/{name}: {:?}", scan.problems);
+        }
     }
     for (name, bytes) in tracedat() {
         let file = memfd();
