@@ -2,7 +2,8 @@
 # Builds the fuzz targets of fuzz/ and runs each for a bounded time or number of inputs; fails if
 # any target crashes (panic, failed assertion, over-budget allocation, timeout, out of memory).
 #   scripts/fuzz.sh [SECONDS_PER_TARGET | --runs N] [--jobs J] [TARGET...]
-# Default: 15 s per target, every target, one at a time. Needs only the stable toolchain: the
+# Default: 15 s per target, every target, as many at a time as there are cores (one process
+# per target; --jobs 1 runs them one after the other). Needs only the stable toolchain: the
 # targets are built with rustc's SanitizerCoverage flags and linked with libFuzzer (from the
 # libfuzzer-sys crate, compiled with the system's C++ compiler). Inputs that found new coverage
 # are kept in fuzz/work/corpus/<target>/ for the next run; crashes land in
@@ -17,7 +18,7 @@ usage() {
 
 limit=(-max_total_time=15)
 what="15 s"
-jobs=1
+jobs=$(nproc)
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
