@@ -7,6 +7,9 @@
 //! says how to get them (scripts/install-deps.sh, scripts/build-guest.sh).
 #![allow(dead_code)]
 
+/// A paused domain whose guest agent the test plays (tests/hostile_agent.rs).
+pub mod fake_guest;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
