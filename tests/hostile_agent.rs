@@ -153,6 +153,31 @@ fn empty_metadata_flood_is_refused_and_memory_stays_bounded() {
 }
 
 #[test]
+fn an_endless_metadata_flood_ends_the_trace_within_seconds() {
+    let guest = FakeGuest::start(TAG, VCPUS);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("endless.dat");
+    let (data, events) = pages_on_every_cpu(2);
+
+    let run = guest.trace(&out, &["-e", "sched:sched_switch", "--duration", "60"]);
+    let (res, played) = guest.play(&run, kill_after(secs(60)), |a| {
+        a.start_recording(&data)?;
+        // Far more than tvctl listens to: it must give up, not wait for the flood to end.
+        let _ = a.flood_empty_metadata(usize::MAX, |i| format!("junk/{i}"), secs(50));
+        Ok(())
+    });
+
+    assert_no_panic(&res, &played);
+    assert!(
+        res.code == exit(ExitCode::GuestMisbehaved) && res.elapsed < secs(10),
+        "an endless flood must end the trace with exit 13 within 10 s\n{}",
+        context(&res, &played)
+    );
+    assert_eq!(res.json().unwrap()["stop_cause"], "guest-misbehaved");
+    assert_file_reads(&out, events, &res, &played);
+}
+
+#[test]
 fn unknown_metadata_name_is_noted_exit_13_and_the_file_is_written() {
     let guest = FakeGuest::start(TAG, VCPUS);
     let tmp = tempfile::tempdir().unwrap();

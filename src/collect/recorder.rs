@@ -98,6 +98,8 @@ pub enum StopEnd {
     AgentLost(String),
     /// The control channel failed (an I/O or framing error).
     Failed(String),
+    /// The guest broke so many rules that the host stopped listening.
+    GuestMisbehaved,
 }
 
 /// Everything a recording produced, whole or not.
@@ -399,6 +401,9 @@ impl Recorder {
             if now_progress != progress {
                 progress = now_progress;
                 self.last_heard = Instant::now();
+            }
+            if self.problems.too_many() {
+                return Err(StopEnd::GuestMisbehaved);
             }
             if self.silent_for() >= SILENCE_LIMIT {
                 return Err(StopEnd::AgentLost(format!(

@@ -513,6 +513,8 @@ fn stop_and_drain(
     progress: &mut Progress,
 ) -> (Collected, StopCause) {
     match cause {
+        // A guest that floods the host with junk would keep a graceful stop waiting.
+        StopCause::GuestMisbehaved => return (rec.abandon(StopEnd::GuestMisbehaved), cause),
         StopCause::DomainStopped => {
             return (rec.abandon(StopEnd::Watched(Watch::DomainGone)), cause)
         }
@@ -544,6 +546,7 @@ fn stop_and_drain(
         (StopEnd::AgentLost(_), _) if domain_went_away(dom) => StopCause::DomainStopped,
         (StopEnd::AgentLost(_), _) => StopCause::AgentLost,
         (StopEnd::Failed(_), _) => StopCause::AgentError,
+        (StopEnd::GuestMisbehaved, _) => StopCause::GuestMisbehaved,
         (StopEnd::Finished, StopCause::Command) => match &collected.stopped {
             Some(s) if s.reason == StopReason::AgentError => StopCause::AgentError,
             _ => StopCause::Command,
