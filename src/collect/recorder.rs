@@ -385,10 +385,12 @@ impl Recorder {
         &mut self,
         watch: &mut dyn FnMut() -> Watch,
     ) -> Result<crate::proto::Stopped, StopEnd> {
+        // Limits first: whatever arrives from here on counts against what the guest may
+        // still send (set after Stop, a fast guest's extra bytes would slip in before them).
+        self.limit_streams();
         if let Err(e) = self.chan.send(&Message::Stop) {
             return Err(StopEnd::Failed(e.to_string()));
         }
-        self.limit_streams();
         let deadline = Instant::now() + self.cfg.reply_timeout;
         let mut progress = self.progress_mark();
         loop {
