@@ -21,7 +21,7 @@ pub use stop::Leftover;
 
 use crate::proto::limits::{MAX_BUFFER_KB, MAX_COMMAND_ARGS, MAX_EVENTS_PER_REQUEST, MAX_TEXT};
 use crate::proto::{
-    CpuStopped, ErrorCode, RecordRequest, Started, StopReason, Stopped, StreamMarker,
+    CpuStopped, ErrorCode, RecordRequest, Started, StopReason, Stopped, StreamMarker, SyncReply,
 };
 
 use super::ports::PortMap;
@@ -75,6 +75,8 @@ pub struct Recording {
     waker: Arc<Waker>,
     command: Option<Child>,
     command_status: Option<i32>,
+    /// The instance's trace clock, as `Started` reported it.
+    clock: String,
 }
 
 /// What a stopped recording hands back: the files that grew while tracing, and the counts.
@@ -176,6 +178,7 @@ impl Recording {
             waker: Arc::new(waker),
             command: None,
             command_status: None,
+            clock: String::new(),
         };
         for (cpu, port) in port_paths {
             let marker = StreamMarker {
@@ -231,7 +234,42 @@ impl Recording {
             splice,
             note,
         };
+        rec.clock = started.clock.clone();
         Ok((rec, started))
+    }
+
+    /// The recording's trace clock.
+    pub fn clock(&self) -> &str {
+        &self.clock
+    }
+
+    /// Answers a `SyncProbe`: writes `tvctl-sync <nonce>` into the instance's `trace_marker`
+    /// between two readings of the recording's clock, so the marker's trace time lies between
+    /// them. Without a clock user space can read, only the readings (of CLOCK_MONOTONIC) are
+    /// sent, unmarked.
+    pub fn sync_probe(&self, nonce: u64) -> SyncReply {
+        let (clock, before) = super::session::read_clock(&self.clock);
+        if clock != self.clock {
+            return SyncReply {
+                nonce,
+                clock,
+                before,
+                after: before,
+                marked: false,
+            };
+        }
+        let marked = self
+            .instance()
+            .write_marker(&format!("tvctl-sync {nonce}\n"))
+            .is_ok();
+        let (_, after) = super::session::read_clock(&self.clock);
+        SyncReply {
+            nonce,
+            clock,
+            before,
+            after,
+            marked,
+        }
     }
 
     /// Whether every pump splices, and the reasons of those that do not.

@@ -19,7 +19,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::proto::{
     negotiate, split_metadata, ErrorCode, ErrorMessage, FrameDecoder, Hello, HelloReply, Message,
-    Pong, StopReason, PROTOCOL_VERSION,
+    Pong, StopReason, SyncReply, PROTOCOL_VERSION,
 };
 
 use super::ports::PortMap;
@@ -245,6 +245,22 @@ impl Agent {
                     self.stop_and_report(StopReason::HostRequest);
                 }
             }
+            Message::SyncProbe(p) => {
+                let reply = match &self.recording {
+                    Some(rec) => rec.sync_probe(p.nonce),
+                    None => {
+                        let (clock, ts) = self.clock_reading();
+                        SyncReply {
+                            nonce: p.nonce,
+                            clock,
+                            before: ts,
+                            after: ts,
+                            marked: false,
+                        }
+                    }
+                };
+                self.send(&Message::SyncReply(reply));
+            }
             Message::Ping(p) => {
                 let (clock, ts) = self.clock_reading();
                 self.send(&Message::Pong(Pong {
@@ -430,6 +446,9 @@ impl Agent {
     /// A reading of the guest's clock for Pong. The recording's clock where user space can
     /// read the same clock (mono, mono_raw, boot, x86-tsc), else CLOCK_MONOTONIC, named so.
     fn clock_reading(&self) -> (String, u64) {
+        if let Some(rec) = &self.recording {
+            return read_clock(rec.clock());
+        }
         let clock = self
             .tracefs
             .read("trace_clock")

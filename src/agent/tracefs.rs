@@ -389,6 +389,20 @@ impl Instance {
         self.write(&format!("events/{}/{}/enable", e.system, e.event), "1")
     }
 
+    /// Writes `text` into this instance's `trace_marker` (one `print` event).
+    pub fn write_marker(&self, text: &str) -> Result<(), TracefsError> {
+        let path = self.path().join("trace_marker");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|source| TracefsError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .map_err(|source| TracefsError::Io { path, source })
+    }
+
     pub fn raw_pipe(&self, cpu: u32) -> PathBuf {
         self.path.join(format!("per_cpu/cpu{cpu}/trace_pipe_raw"))
     }

@@ -102,6 +102,9 @@ pub fn decode_frame(header: &FrameHeader, payload: &[u8]) -> Result<Message, Pro
             version: header.version,
         });
     }
+    if MessageKind::try_from(header.kind).is_ok_and(|k| k.since() > header.version) {
+        return Err(ProtoError::UnknownKind { kind: header.kind });
+    }
     Message::decode(header.kind, payload)
 }
 

@@ -28,18 +28,22 @@ fn to_hex(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-/// Asserts `msg` encodes to exactly `want` and that `want` decodes to `msg`.
+/// Asserts `msg` encodes to exactly `want` at the version in `want`'s header (layouts of
+/// version 1 are unchanged in version 2) and that `want` decodes to `msg`.
 fn assert_golden(msg: Message, want: &str) {
     let want = hex(want);
+    let head = want.first_chunk::<HEADER_LEN>().unwrap();
+    let header = FrameHeader::parse(head).unwrap();
 
-    let got = msg.encode_frame(PROTOCOL_VERSION).unwrap();
+    let got = msg.encode_frame(header.version).unwrap();
 
     assert_eq!(to_hex(&got), to_hex(&want), "encoding of {msg:?}");
     let mut dec = FrameDecoder::new();
     dec.push(&want);
-    assert_eq!(dec.next_message().unwrap(), Some((1, msg.clone())));
-    let head = want.first_chunk::<HEADER_LEN>().unwrap();
-    let header = FrameHeader::parse(head).unwrap();
+    assert_eq!(
+        dec.next_message().unwrap(),
+        Some((header.version, msg.clone()))
+    );
     assert_eq!(header.kind, u16::from(msg.kind()));
     assert_eq!(
         Message::decode(header.kind, &want[HEADER_LEN..]).unwrap(),
@@ -298,15 +302,59 @@ fn kind_numbers_are_the_documented_ones() {
         (MessageKind::Ping, 9),
         (MessageKind::Pong, 10),
         (MessageKind::Close, 11),
+        (MessageKind::SyncProbe, 12),
+        (MessageKind::SyncReply, 13),
     ];
     for (kind, n) in kinds {
         assert_eq!(u16::from(kind), n);
         assert_eq!(MessageKind::try_from(n).unwrap(), kind);
     }
     assert!(matches!(
-        MessageKind::try_from(12),
-        Err(ProtoError::UnknownKind { kind: 12 })
+        MessageKind::try_from(14),
+        Err(ProtoError::UnknownKind { kind: 14 })
     ));
+}
+
+#[test]
+fn sync_probe_matches_documented_example() {
+    assert_golden(
+        Message::SyncProbe(SyncProbe {
+            nonce: 0x0102_0304_0506_0708,
+        }),
+        "54 56 43 54 | 02 00 | 0c 00 | 08 00 00 00 | 00 00 00 00
+         08 07 06 05 04 03 02 01",
+    );
+}
+
+#[test]
+fn sync_reply_matches_documented_example() {
+    assert_golden(
+        Message::SyncReply(SyncReply {
+            nonce: 5,
+            clock: "x86-tsc".into(),
+            before: 1000,
+            after: 1010,
+            marked: true,
+        }),
+        "54 56 43 54 | 02 00 | 0d 00 | 24 00 00 00 | 00 00 00 00
+         05 00 00 00 00 00 00 00 | 07 00 00 00 78 38 36 2d 74 73 63
+         e8 03 00 00 00 00 00 00 | f2 03 00 00 00 00 00 00 | 01",
+    );
+}
+
+#[test]
+fn version_2_kinds_in_a_version_1_frame_are_unknown() {
+    let mut frame = Message::SyncProbe(SyncProbe { nonce: 1 })
+        .encode_frame(2)
+        .unwrap();
+    frame[4] = 1; // header version 1
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+
+    let err = dec.next_message().unwrap_err();
+
+    assert!(matches!(err, ProtoError::UnknownKind { kind: 12 }), "{err}");
+    assert!(!err.is_fatal());
 }
 
 #[test]

@@ -29,6 +29,10 @@ pub enum MessageKind {
     Ping = 9,
     Pong = 10,
     Close = 11,
+    /// Version 2.
+    SyncProbe = 12,
+    /// Version 2.
+    SyncReply = 13,
 }
 
 impl MessageKind {
@@ -36,6 +40,15 @@ impl MessageKind {
     /// (a failed negotiation must still be reportable).
     pub fn is_frozen(self) -> bool {
         matches!(self, Self::Hello | Self::Error)
+    }
+
+    /// The protocol version that introduced this kind: a frame of an older version carrying
+    /// it is an unknown kind.
+    pub fn since(self) -> u16 {
+        match self {
+            Self::SyncProbe | Self::SyncReply => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -56,6 +69,8 @@ impl TryFrom<u16> for MessageKind {
             9 => Self::Ping,
             10 => Self::Pong,
             11 => Self::Close,
+            12 => Self::SyncProbe,
+            13 => Self::SyncReply,
             _ => return Err(ProtoError::UnknownKind { kind }),
         })
     }
@@ -533,6 +548,49 @@ impl Pong {
     }
 }
 
+/// Host → agent (version 2): a clock-sync probe. While recording, the agent writes
+/// `tvctl-sync <nonce>` into the recording's `trace_marker`, reading the recording's clock just
+/// before and just after; then it answers `SyncReply`. The marker's trace time thus lies in
+/// `[before, after]`, which lets anyone check the host–guest sync in the merged trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncProbe {
+    pub nonce: u64,
+}
+
+/// Agent → host (version 2): the answer to `SyncProbe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReply {
+    pub nonce: u64,
+    /// The clock read: the recording's trace clock where user space can read it (`x86-tsc`,
+    /// `mono`, `mono_raw`, `boot`), else `mono` (CLOCK_MONOTONIC).
+    pub clock: String,
+    pub before: u64,
+    pub after: u64,
+    /// The marker was written (a recording runs and its clock is the one read).
+    pub marked: bool,
+}
+
+impl SyncReply {
+    fn encode(&self, e: &mut Encoder) -> Result<(), ProtoError> {
+        e.u64(self.nonce);
+        e.str("sync_reply.clock", &self.clock, MAX_NAME)?;
+        e.u64(self.before);
+        e.u64(self.after);
+        e.bool(self.marked);
+        Ok(())
+    }
+
+    fn decode(d: &mut Decoder) -> Result<Self, ProtoError> {
+        Ok(Self {
+            nonce: d.u64("sync_reply.nonce")?,
+            clock: d.string("sync_reply.clock", MAX_NAME)?,
+            before: d.u64("sync_reply.before")?,
+            after: d.u64("sync_reply.after")?,
+            marked: d.bool("sync_reply.marked")?,
+        })
+    }
+}
+
 /// Any control message. `Stop` and `Close` carry no fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -547,6 +605,8 @@ pub enum Message {
     Ping(Ping),
     Pong(Pong),
     Close,
+    SyncProbe(SyncProbe),
+    SyncReply(SyncReply),
 }
 
 impl Message {
@@ -563,6 +623,8 @@ impl Message {
             Self::Ping(_) => MessageKind::Ping,
             Self::Pong(_) => MessageKind::Pong,
             Self::Close => MessageKind::Close,
+            Self::SyncProbe(_) => MessageKind::SyncProbe,
+            Self::SyncReply(_) => MessageKind::SyncReply,
         }
     }
 
@@ -579,6 +641,8 @@ impl Message {
             Self::Error(m) => m.encode(&mut e)?,
             Self::Ping(m) => e.u64(m.nonce),
             Self::Pong(m) => m.encode(&mut e)?,
+            Self::SyncProbe(m) => e.u64(m.nonce),
+            Self::SyncReply(m) => m.encode(&mut e)?,
             Self::Stop | Self::Close => {}
         }
         Ok(e.into_bytes())
@@ -621,6 +685,10 @@ impl Message {
             }),
             MessageKind::Pong => Self::Pong(Pong::decode(&mut d)?),
             MessageKind::Close => Self::Close,
+            MessageKind::SyncProbe => Self::SyncProbe(SyncProbe {
+                nonce: d.u64("sync_probe.nonce")?,
+            }),
+            MessageKind::SyncReply => Self::SyncReply(SyncReply::decode(&mut d)?),
         };
         d.finish(kind)?;
         Ok(msg)
@@ -647,4 +715,6 @@ impl_from_struct! {
     ErrorMessage => Error,
     Ping => Ping,
     Pong => Pong,
+    SyncProbe => SyncProbe,
+    SyncReply => SyncReply,
 }

@@ -44,7 +44,7 @@ pub use frame::{
 pub use marker::{StreamMarker, MARKER_MAGIC};
 pub use message::{
     CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, MessageKind, Metadata, Ping,
-    Pong, RecordRequest, Started, StopReason, Stopped,
+    Pong, RecordRequest, Started, StopReason, Stopped, SyncProbe, SyncReply,
 };
 pub use metadata::{
     split_metadata, validate_name, MetadataAssembler, MetadataChunks, MetadataError,
