@@ -469,7 +469,8 @@ mod tests {
         assert!(outcome.complete, "{outcome:?}");
         assert_eq!(outcome.received, pages.len() as u64);
         assert_eq!(std::fs::read(&data).unwrap(), pages);
-        assert_eq!(shared.excess.load(Ordering::SeqCst), 16);
+        // Read along with the pages (then cut) or never read at all, depending on timing.
+        assert!([0, 16].contains(&shared.excess.load(Ordering::SeqCst)));
         assert_eq!(shared.discarded.load(Ordering::SeqCst), 1000 + 32);
     }
 
