@@ -14,6 +14,7 @@
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `control` (host): the host end of the control channel: connect, handshake, deadlines.
 //! - `trace` (host): `tvctl trace`: boot, record, write trace.dat, summarise.
+//! - `tsync` (host): clock sync: probe or kvm measurements → per-CPU TIME_SHIFT samples, bounded.
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
 //! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
 //! - `cli` (host): the command line (clap) and the human and JSON output.
@@ -44,3 +45,5 @@ pub mod lock;
 pub mod setup;
 #[cfg(feature = "host")]
 pub mod trace;
+#[cfg(feature = "host")]
+pub mod tsync;
