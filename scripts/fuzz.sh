@@ -48,18 +48,26 @@ cargo build --release --features libfuzzer --bins --target "$triple"
 echo "fuzz: built in $((SECONDS - t0)) s; running ${targets[*]} for $what each ($jobs at a time)"
 bin=${CARGO_TARGET_DIR:-$PWD/target}/$triple/release
 
-run_one() { # target: runs it, writes work/<target>.log and its exit code to work/<target>.rc
+# Each run logs to a folder of its own, so runs at the same time (two sessions, or CI beside a
+# long run) never write into each other's logs; work/latest is the newest. The corpus folders
+# are shared on purpose: libFuzzer only adds files to them, named by content.
+run_dir=work/runs/$(date +%Y%m%d-%H%M%S)-$$
+mkdir -p "$run_dir"
+ln -sfn "runs/${run_dir##*/}" work/latest
+# Keep the 20 newest runs' logs.
+ls -1dt work/runs/*/ | tail -n +21 | xargs -r rm -rf
+
+run_one() { # target: runs it, writes $run_dir/<target>.log and its exit code to <target>.rc
   local t=$1
   mkdir -p "work/corpus/$t" "artifacts/$t"
   # The checked-in seeds are read, never written: new inputs go to work/corpus only.
   local rc=0
   "$bin/$t" "work/corpus/$t" "corpus/$t" "${limit[@]}" \
     -artifact_prefix="artifacts/$t/" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
-    >"work/$t.log" 2>&1 || rc=$?
-  echo "$rc" >"work/$t.rc"
+    >"$run_dir/$t.log" 2>&1 || rc=$?
+  echo "$rc" >"$run_dir/$t.rc"
 }
 
-mkdir -p work
 running=0
 for t in "${targets[@]}"; do
   run_one "$t" &
@@ -71,7 +79,7 @@ wait
 failed=()
 printf '%-10s %14s %12s %8s %9s  %s\n' target inputs inputs/s seconds corpus coverage
 for t in "${targets[@]}"; do
-  log=work/$t.log
+  log=$run_dir/$t.log
   final_stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
   runs=$(final_stat number_of_executed_units)
   rate=$(final_stat average_exec_per_sec)
@@ -79,13 +87,13 @@ for t in "${targets[@]}"; do
   cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)
   printf '%-10s %14s %12s %8s %9s  %s\n' "$t" "${runs:-?}" "${rate:-?}" "${secs:-?}" \
     "$(find "work/corpus/$t" -type f | wc -l)" "${cov:-?}"
-  if [ "$(cat "work/$t.rc")" != 0 ]; then failed+=("$t"); fi
+  if [ "$(cat "$run_dir/$t.rc")" != 0 ]; then failed+=("$t"); fi
 done
 
 for t in "${failed[@]}"; do
-  echo "=== fuzz: $t FAILED (exit $(cat "work/$t.rc")); end of fuzz/work/$t.log:" >&2
-  grep -v -e '^WARNING: Failed to find function' "work/$t.log" | tail -40 >&2
-  crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "work/$t.log" | tail -1)
+  echo "=== fuzz: $t FAILED (exit $(cat "$run_dir/$t.rc")); end of fuzz/$run_dir/$t.log:" >&2
+  grep -v -e '^WARNING: Failed to find function' "$run_dir/$t.log" | tail -40 >&2
+  crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$run_dir/$t.log" | tail -1)
   if [ -n "$crash" ]; then
     echo "reproduce: $bin/$t $PWD/$crash" >&2
     echo "  or, uninstrumented with a backtrace: cargo test --manifest-path fuzz/Cargo.toml replay" >&2
@@ -95,4 +103,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: ${#failed[@]} target(s) failed: ${failed[*]}" >&2
   exit 1
 fi
-echo "fuzz: no crash in ${#targets[@]} targets"
+echo "fuzz: no crash in ${#targets[@]} targets; logs in fuzz/$run_dir"
