@@ -43,6 +43,7 @@ fn golden_meta() -> TraceMeta {
         trace_clock: Some("[local] global\n".into()),
         trace_id: Some(0x0123_4567_89ab_cdef),
         cpu_stats: vec!["entries: 0\nread events: 2\n".into()],
+        ..TraceMeta::default()
     }
 }
 

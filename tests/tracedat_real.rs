@@ -263,6 +263,7 @@ fn record(recipe: &Recipe) -> Capture {
         cpu_stats: (0..cpus)
             .map(|cpu| text(instance.dir.join(format!("per_cpu/cpu{cpu}/stats"))))
             .collect(),
+        ..TraceMeta::default()
     };
     Capture { meta, cpu_data }
 }

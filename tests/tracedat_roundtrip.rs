@@ -71,6 +71,7 @@ prop_compose! {
             trace_clock,
             trace_id,
             cpu_stats,
+            ..TraceMeta::default()
         };
         let data = cpu_pages.iter().map(|(n, seed)| pages(page_size, *n, *seed)).collect();
         (meta, data)
@@ -139,6 +140,7 @@ fn sample_meta() -> TraceMeta {
         trace_clock: Some("[local] global\n".into()),
         trace_id: Some(7),
         cpu_stats: vec!["a".into(), "b".into(), "c".into()],
+        ..TraceMeta::default()
     }
 }
 

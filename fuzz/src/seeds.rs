@@ -445,6 +445,7 @@ fn trace_meta(header_page: &[u8]) -> TraceMeta {
         trace_clock: Some("[local] global\n".into()),
         trace_id: Some(0x0123_4567_89ab_cdef),
         cpu_stats: Vec::new(),
+        ..TraceMeta::default()
     }
 }
 

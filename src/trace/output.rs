@@ -79,6 +79,7 @@ pub fn trace_meta(
         } else {
             Vec::new()
         },
+        ..TraceMeta::default()
     }
 }
 

@@ -27,12 +27,14 @@ mod format;
 mod page;
 mod reader;
 pub mod sanitize;
+mod sync_options;
 mod writer;
 
 pub use count::EventCounts;
 pub use format::{parse_event_format, EventFormat, EventNames, FieldFormat};
 pub use page::{MissedEvents, Page, PageError, PageIter, PageLayout, RawEvent};
 pub use reader::{CpuPages, TraceDatFile};
+pub use sync_options::{GuestOption, SyncOptionError, TimeSample, TimeShift, Tsc2Nsec};
 pub use writer::{write_trace_dat, CpuData, WriteSummary};
 
 use std::io;
@@ -54,6 +56,12 @@ pub mod option_id {
     pub const UNAME: u16 = 5;
     /// u64 id that a host file's GUEST option refers to.
     pub const TRACEID: u16 = 11;
+    /// Guest file: how its raw timestamps map onto the host's clock.
+    pub const TIME_SHIFT: u16 = 12;
+    /// Host file: a guest's trace id and the host thread of each of its vCPUs.
+    pub const GUEST: u16 = 13;
+    /// TSC cycles to nanoseconds (mult, shift).
+    pub const TSC2NSEC: u16 = 14;
 }
 
 /// Smallest and largest page size we accept. Every architecture Linux runs on has pages of at
@@ -64,6 +72,9 @@ pub const MAX_PAGE_SIZE: u32 = 64 << 20;
 
 /// Most CPUs a file may have; Linux's own limit (`NR_CPUS`) is 8192 on common configurations.
 pub const MAX_CPUS: usize = 1 << 16;
+
+/// Largest option payload the reader accepts, and so the writer writes.
+pub const MAX_OPTION_SIZE: u64 = 1 << 24;
 
 /// Everything of a trace.dat besides the per-CPU pages: the guest's tracefs metadata.
 ///
@@ -96,6 +107,14 @@ pub struct TraceMeta {
     pub trace_id: Option<u64>,
     /// `per_cpu/cpuN/stats` texts: empty, or exactly one per CPU in CPU order.
     pub cpu_stats: Vec<String>,
+    /// Host file: one GUEST option per guest (its file's trace id, the host thread of each
+    /// vCPU), each with a different trace id, none equal to `trace_id`.
+    pub guests: Vec<GuestOption>,
+    /// Guest file: the TIME_SHIFT option that maps its raw timestamps onto the host's raw
+    /// clock; it must have one sample list per CPU of the file.
+    pub time_shift: Option<TimeShift>,
+    /// Host and guest files on the `x86-tsc` clock: the TSC2NSEC option (cycles to ns).
+    pub tsc2nsec: Option<Tsc2Nsec>,
 }
 
 /// Where one CPU's pages sit in a trace.dat file.
@@ -155,6 +174,9 @@ pub enum TraceDatError {
     /// An event `format` text lacks its name or id.
     #[error("cannot parse event format: {0}")]
     EventFormat(String),
+    /// A GUEST, TIME_SHIFT or TSC2NSEC option handed to the writer cannot be written as is.
+    #[error("invalid host/guest option")]
+    SyncOption(#[from] SyncOptionError),
 }
 
 impl TraceDatError {

@@ -8,7 +8,8 @@
 use super::count::EventCounts;
 use super::page::PageLayout;
 use super::{
-    option_id, CpuExtent, TraceDatError, TraceMeta, MAGIC, MAX_CPUS, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
+    option_id, CpuExtent, GuestOption, SyncOptionError, TimeShift, TraceDatError, TraceMeta,
+    Tsc2Nsec, MAGIC, MAX_CPUS, MAX_OPTION_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
 };
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -25,7 +26,6 @@ const MAX_SYSTEM_NAME: usize = 256;
 const MAX_KALLSYMS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
 const MAX_PRINTK_FORMATS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
 const MAX_CMDLINES: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
-const MAX_OPTION: u64 = 1 << 24;
 const MAX_OPTIONS: usize = 1 << 16;
 const MAX_TRACE_CLOCK: u64 = 1 << 16;
 
@@ -249,11 +249,14 @@ fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
             if id == option_id::DONE {
                 break;
             }
-            if other_options.len() + meta.cpu_stats.len() >= MAX_OPTIONS {
+            if other_options.len() + meta.cpu_stats.len() + meta.guests.len() >= MAX_OPTIONS {
                 return Err(input.corrupt(format!("more than {MAX_OPTIONS} options")));
             }
             let size = u64::from(input.u32()?);
-            let data = input.bytes(size, MAX_OPTION, "option")?;
+            let data_at = input.pos;
+            let data = input.bytes(size, MAX_OPTION_SIZE, "option")?;
+            let bad = |e: SyncOptionError| input.corrupt_at(data_at, e.to_string());
+            let twice = |name: &str| input.corrupt_at(data_at, format!("a second {name} option"));
             match id {
                 option_id::UNAME => meta.uname = Some(input.option_text(data, "UNAME")?),
                 option_id::TRACECLOCK => {
@@ -268,6 +271,25 @@ fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
                     meta.trace_id = Some(u64::from_le_bytes(bytes));
                 }
                 option_id::CPUSTAT => meta.cpu_stats.push(input.option_text(data, "CPUSTAT")?),
+                option_id::GUEST => meta.guests.push(GuestOption::decode(&data).map_err(bad)?),
+                option_id::TIME_SHIFT => {
+                    let shift = TimeShift::decode(&data).map_err(bad)?;
+                    if shift.cpus().len() != ncpus {
+                        return Err(bad(SyncOptionError::TimeShiftCpuCount {
+                            option: shift.cpus().len(),
+                            file: ncpus,
+                        }));
+                    }
+                    if meta.time_shift.replace(shift).is_some() {
+                        return Err(twice("TIME_SHIFT"));
+                    }
+                }
+                option_id::TSC2NSEC => {
+                    let tsc2nsec = Tsc2Nsec::decode(&data).map_err(bad)?;
+                    if meta.tsc2nsec.replace(tsc2nsec).is_some() {
+                        return Err(twice("TSC2NSEC"));
+                    }
+                }
                 _ => other_options.push((id, data)),
             }
         }

@@ -7,7 +7,7 @@
 //! kallsyms a second time.
 
 use super::page::PageLayout;
-use super::{option_id, CpuExtent, TraceDatError, TraceMeta, MAGIC, MAX_CPUS};
+use super::{option_id, CpuExtent, SyncOptionError, TraceDatError, TraceMeta, MAGIC, MAX_CPUS};
 use nix::errno::Errno;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -136,7 +136,32 @@ fn validate(meta: &TraceMeta, cpus: &[CpuData<'_>]) -> Result<PageLayout, TraceD
     if let Some(bad) = texts.into_iter().find(|t| t.contains('\0')) {
         return invalid(format!("option text {bad:?} holds a NUL byte"));
     }
+    validate_sync_options(meta, cpus.len())?;
     Ok(layout)
+}
+
+/// What the option types cannot check on their own: how they fit this file and each other.
+fn validate_sync_options(meta: &TraceMeta, ncpus: usize) -> Result<(), SyncOptionError> {
+    if let Some(shift) = &meta.time_shift {
+        if shift.cpus().len() != ncpus {
+            return Err(SyncOptionError::TimeShiftCpuCount {
+                option: shift.cpus().len(),
+                file: ncpus,
+            });
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for guest in &meta.guests {
+        let trace_id = guest.trace_id();
+        if meta.trace_id == Some(trace_id) {
+            let name = guest.name().to_owned();
+            return Err(SyncOptionError::GuestTraceIdIsHost { name, trace_id });
+        }
+        if !ids.insert(trace_id) {
+            return Err(SyncOptionError::GuestTraceIdTwice { trace_id });
+        }
+    }
+    Ok(())
 }
 
 /// Counts bytes instead of writing them.
@@ -202,6 +227,16 @@ fn write_header<W: Write>(
     }
     for stats in &meta.cpu_stats {
         h.string_option(option_id::CPUSTAT, stats)?;
+    }
+    // The host/guest options in `trace-cmd record`'s order; the reader accepts any order.
+    for guest in &meta.guests {
+        h.option(option_id::GUEST, &guest.encode())?;
+    }
+    if let Some(tsc2nsec) = &meta.tsc2nsec {
+        h.option(option_id::TSC2NSEC, &tsc2nsec.encode())?;
+    }
+    if let Some(shift) = &meta.time_shift {
+        h.option(option_id::TIME_SHIFT, &shift.encode())?;
     }
     h.u16(option_id::DONE)?;
 
