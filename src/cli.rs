@@ -68,8 +68,22 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct TraceArgs {
-    /// Domain name, UUID or id
-    pub domain: String,
+    /// Domain names, UUIDs or ids: several are recorded at once, clock-corrected
+    #[arg(required = true, num_args = 1.., value_name = "DOMAIN")]
+    pub domains: Vec<String>,
+    /// Also record the host (its own tracefs instance); files: -o PREFIX.dat for the host,
+    /// PREFIX-<domain>.dat per guest
+    #[arg(long)]
+    pub host: bool,
+    /// Host events with --host, in -e's forms [default: sched:sched_switch,
+    /// sched:sched_wakeup, and kvm:kvm_entry, kvm:kvm_exit where the host has them]
+    #[arg(short = 'H', long = "host-event", value_name = "EVENT")]
+    pub host_events: Vec<String>,
+    /// How guest clocks are related to the host's when several files are written: kvm
+    /// (debugfs tsc-offset, exact), probe (timestamp exchanges), none [default: kvm where the
+    /// domain runs under KVM, else probe]
+    #[arg(long, value_name = "METHOD", value_parser = ["auto", "kvm", "probe", "none"], default_value = "auto")]
+    pub sync: String,
     /// Events to record, in trace-cmd's forms: sched, sched:sched_switch, sched_switch, 'sched*', 'irq:*'
     #[arg(short = 'e', long = "event", value_name = "EVENT", required = true)]
     pub events: Vec<String>,
@@ -124,10 +138,22 @@ impl TraceArgs {
                 "-e '': name an event, e.g. -e sched:sched_switch".into(),
             ));
         }
-        let output = self
-            .output
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("trace-{}.dat", self.domain)));
+        let several = self.domains.len() > 1 || self.host;
+        if several && self.domains.len() > 1 && !self.command.is_empty() {
+            return Err(UsageError(
+                "-- COMMAND runs in one guest: give one domain (with --host if you want the host too)".into(),
+            ));
+        }
+        if !self.host && !self.host_events.is_empty() {
+            return Err(UsageError("-H needs --host".into()));
+        }
+        let output = self.output.clone().unwrap_or_else(|| {
+            if several {
+                PathBuf::from("trace.dat")
+            } else {
+                PathBuf::from(format!("trace-{}.dat", self.domains[0]))
+            }
+        });
         Ok(crate::trace::TraceOptions {
             domain_dir: PathBuf::new(),
             output,
@@ -293,17 +319,61 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Trace(args) => {
             let mut options = args.validate()?;
-            let hv = Hypervisor::connect(&config.uri)?;
-            let dom = hv.lookup(&args.domain)?;
-            // Before anything is checked or opened: a second trace must not touch the FIFOs.
-            let _lock = crate::lock::DomainLock::acquire(&config.dir, &dom.name())?;
-            options.domain_dir = crate::trace::prepare(&hv, &config.dir, &dom, args.setup)?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;
-            let outcome = crate::trace::run(&dom, &options)?;
-            emit(&config, &outcome.summary, |s, _| s.to_text())?;
-            Ok(outcome.exit_code())
+            let hv = Hypervisor::connect(&config.uri)?;
+            let mut doms = Vec::new();
+            for spec in &args.domains {
+                doms.push(hv.lookup(spec)?);
+            }
+            // Before anything is checked or opened: a second trace must not touch the FIFOs.
+            let mut locks = Vec::new();
+            for dom in &doms {
+                locks.push(crate::lock::DomainLock::acquire(&config.dir, &dom.name())?);
+            }
+            let mut dirs = Vec::new();
+            for dom in &doms {
+                dirs.push(crate::trace::prepare(&hv, &config.dir, dom, args.setup)?);
+            }
+            if doms.len() == 1 && !args.host {
+                options.domain_dir = dirs.remove(0);
+                let outcome = crate::trace::run(&doms[0], &options)?;
+                emit(&config, &outcome.summary, |s, _| s.to_text())?;
+                return Ok(outcome.exit_code());
+            }
+            let timeline = crate::trace::timeline::TimelineOptions {
+                domains: doms.iter().zip(dirs).collect(),
+                host_events: args.host.then(|| host_events(&args.host_events)),
+                sync: match args.sync.as_str() {
+                    "kvm" => crate::trace::timeline::SyncMethod::Kvm,
+                    "probe" => crate::trace::timeline::SyncMethod::Probe,
+                    "none" => crate::trace::timeline::SyncMethod::None,
+                    _ => crate::trace::timeline::SyncMethod::Auto,
+                },
+                // Tests point the kvm method at a synthetic tree; nothing else sets this.
+                debugfs: std::env::var_os("TVCTL_TEST_DEBUGFS")
+                    .map_or_else(|| PathBuf::from("/sys/kernel/debug"), PathBuf::from),
+                base: options,
+            };
+            let summary = crate::trace::timeline::run(&timeline)?;
+            emit(&config, &summary, |s, _| s.to_text())?;
+            Ok(summary.exit_code())
         }
     }
+}
+
+/// `-H` as given, else the default host events the host has.
+fn host_events(given: &[String]) -> Vec<String> {
+    if !given.is_empty() {
+        return given.to_vec();
+    }
+    let available = crate::agent::tracefs::Tracefs::find()
+        .and_then(|t| t.available_events().ok())
+        .unwrap_or_default();
+    crate::trace::timeline::DEFAULT_HOST_EVENTS
+        .iter()
+        .filter(|e| available.iter().any(|a| a.to_string() == **e))
+        .map(|e| e.to_string())
+        .collect()
 }
 
 /// Holds `spec`'s domain against other tvctl runs (see [`crate::lock`]). An unknown domain

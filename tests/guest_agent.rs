@@ -30,7 +30,7 @@ fn config(
         command: command.iter().map(|s| s.to_string()).collect(),
         connect_timeout: Duration::from_secs(30),
         reply_timeout: Duration::from_secs(60),
-        max_bytes: None,
+        budget: None,
     };
     (cfg, data)
 }

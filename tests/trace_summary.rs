@@ -5,6 +5,7 @@ mod common;
 
 use common::key_paths;
 use tvctl::trace::summary::{CommandSummary, CpuSummary, StopCause, TraceSummary, SCHEMA};
+use tvctl::trace::timeline::{SyncMethod, SyncSegment, SyncSummary};
 
 fn example() -> TraceSummary {
     let cpu = |cpu, bytes, events| CpuSummary {
@@ -44,6 +45,18 @@ fn example() -> TraceSummary {
         complete: true,
         max_size: Some(1 << 30),
         guest_problems: vec!["guest metadata \"junk\" dropped: not a documented file name".into()],
+        sync: Some(SyncSummary {
+            method: SyncMethod::Probe,
+            samples: 200,
+            dropped: 3,
+            segments: vec![SyncSegment {
+                offset: 10_807_591_670_366,
+                bound_ns: 91_179,
+                samples: 197,
+            }],
+            bound_ns: Some(91_179),
+            round_trip_ns: Some(451_533),
+        }),
         notes: vec![],
     }
 }

@@ -48,6 +48,17 @@ impl PortMap {
         PortMap { ports }
     }
 
+    /// A map of data ports only: CPU → the file its pages go to (the host records itself
+    /// through FIFOs of its own, with the agent's pumps).
+    pub fn with_cpu_ports(ports: impl IntoIterator<Item = (u32, PathBuf)>) -> PortMap {
+        PortMap {
+            ports: ports
+                .into_iter()
+                .map(|(cpu, path)| (format!("{CPU_PORT_PREFIX}{cpu}"), path))
+                .collect(),
+        }
+    }
+
     /// The ports of this system.
     pub fn system() -> PortMap {
         PortMap::scan(

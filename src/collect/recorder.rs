@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::control::{random_u64, ControlChannel, ControlError};
 use crate::proto::limits::DRAIN_SLACK;
-use crate::proto::{ErrorCode, Message, Ping, RecordRequest};
+use crate::proto::{ErrorCode, Message, Ping, RecordRequest, SyncProbe};
 use crate::tracedat::sanitize::FormatSet;
+use crate::tsync::probe::Sample;
 
 use super::guest_input::{
     clean_text, GuestError, GuestHello, GuestProblems, GuestStarted, GuestStopped, MetadataInbox,
@@ -53,8 +54,9 @@ pub struct RecorderConfig {
     pub connect_timeout: Duration,
     /// How long to wait for `Started`, and for `Stopped` after `Stop`.
     pub reply_timeout: Duration,
-    /// `--max-size`: most bytes of trace data to keep, all CPUs together.
-    pub max_bytes: Option<u64>,
+    /// `--max-size`: what is left of the bytes of trace data to keep, shared by every CPU
+    /// (and, in a run of several, by every domain and the host).
+    pub budget: Option<Arc<ByteBudget>>,
 }
 
 /// Errors that end a recording before it started.
@@ -165,7 +167,7 @@ impl Recorder {
             return Err(RecordError::NoFifos(cfg.fifo_dir.clone()));
         }
         let stream_nonce = random_u64();
-        let budget = cfg.max_bytes.map(|b| Arc::new(ByteBudget::new(b)));
+        let budget = cfg.budget.clone();
         let mut streams = Vec::new();
         for &cpu in &cpus {
             let fifo = cfg.fifo_dir.join(format!("trace-path-cpu{cpu}.out"));
@@ -304,13 +306,64 @@ impl Recorder {
         }
     }
 
+    /// One clock-sync exchange (docs/clock-sync.md): `host_mark(nonce)` marks the host's side
+    /// (writes `tvctl-sync <nonce>` into the host's trace, if it is recorded) and returns its
+    /// clock readings just before and just after; it is called before the probe is sent and
+    /// again when the answer arrives. Returns the sample and the clock the guest read, or
+    /// `None` when no answer came within `timeout` (or the agent stopped on its own meanwhile).
+    /// A version-1 agent answers a `Ping` instead: one reading, no marker.
+    pub fn sync_exchange(
+        &mut self,
+        host_mark: &mut dyn FnMut(u64) -> (u64, u64),
+        timeout: Duration,
+    ) -> Result<Option<(Sample, String)>, RecordError> {
+        if self.early_stop.is_some() {
+            return Ok(None);
+        }
+        let nonce = random_u64();
+        let (_, sent_at) = host_mark(nonce);
+        let probe = if self.chan.version() >= 2 {
+            Message::SyncProbe(SyncProbe { nonce })
+        } else {
+            Message::Ping(Ping { nonce })
+        };
+        self.chan.send(&probe)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (clock, guest_before, guest_after) = match self.chan.recv(left) {
+                Ok(Message::SyncReply(r)) if r.nonce == nonce => (r.clock, r.before, r.after),
+                Ok(Message::Pong(p)) if p.nonce == nonce => (p.clock, p.ts, p.ts),
+                Ok(msg) => {
+                    if let Some(stopped) = self.take(msg) {
+                        self.early_stop = Some(stopped);
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                Err(ControlError::Timeout(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let (received_at, _) = host_mark(nonce);
+            self.last_heard = Instant::now();
+            let sample = Sample {
+                host_before: sent_at,
+                guest_before,
+                guest_after,
+                host_after: received_at,
+            };
+            return Ok(Some((sample, clean_text(&clock))));
+        }
+    }
+
     /// Files one message from the agent; returns a `Stopped`.
     fn take(&mut self, msg: Message) -> Option<crate::proto::Stopped> {
         self.last_heard = Instant::now();
         match msg {
             Message::Metadata(m) => self.inbox.push(m, &mut self.problems),
             Message::Stopped(s) => return Some(s),
-            Message::Pong(_) => {}
+            // Late answers to pings and probes that timed out.
+            Message::Pong(_) | Message::SyncReply(_) => {}
             // Our Stop crossed a Stopped (the command ended at that moment): nothing to do.
             Message::Error(e) if e.code == ErrorCode::NotRecording => {}
             Message::Error(e) => {

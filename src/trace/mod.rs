@@ -17,17 +17,20 @@
 
 pub mod output; // metadata → trace.dat headers; write; read back and count
 pub mod summary; // the summary, for people and as JSON (docs/json.md)
+pub mod timeline; // several domains and the host: one clock-corrected timeline
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::collect::guest_input::{clean_text, GuestError, GuestHello, GuestStarted};
+use crate::collect::guest_input::{clean_text, GuestError, GuestStarted};
 use crate::collect::progress::{LossScanner, Progress};
 use crate::collect::recorder::{
     Collected, RecordError, Recorder, RecorderConfig, StopEnd, Watch, SILENCE_LIMIT,
 };
+use crate::collect::stream::ByteBudget;
 use crate::control::ControlError;
 use crate::exitcode::ExitCode;
 use crate::libvirt::{Dom, LibvirtError};
@@ -87,6 +90,10 @@ pub enum TraceError {
     },
     #[error("the guest misbehaved: {0}")]
     Guest(#[from] GuestError),
+    #[error("-C {clock}: several files can be merged only on a clock both host and guests read from user space ({}); drop -C for x86-tsc", timeline::SYNCABLE_CLOCKS.join(", "))]
+    ClockNotSyncable { clock: String },
+    #[error("cannot record the host: {0}")]
+    Host(#[source] crate::collect::host::HostError),
     #[error("recording failed: {0}")]
     Record(#[source] RecordError),
     #[error(
@@ -116,6 +123,9 @@ impl TraceError {
             TraceError::Interrupted => ExitCode::Interrupted,
             TraceError::Output { .. } | TraceError::Write { .. } => ExitCode::OutputNotWritable,
             TraceError::Guest(_) => ExitCode::GuestMisbehaved,
+            TraceError::ClockNotSyncable { .. } => ExitCode::Usage,
+            TraceError::Host(crate::collect::host::HostError::Refused(_)) => ExitCode::AgentRefused,
+            TraceError::Host(_) => ExitCode::PermissionDenied,
             TraceError::Record(RecordError::Fifo { .. }) => ExitCode::HostFileConflict,
             TraceError::Record(RecordError::NoFifos(_)) => ExitCode::NotSetUp,
             TraceError::Record(RecordError::Control(ControlError::Protocol(_))) => {
@@ -128,18 +138,22 @@ impl TraceError {
 }
 
 impl TraceOutcome {
-    /// The gravest of what happened: 130 abandoned, 10 domain stopped, 13 the guest broke a
-    /// rule, 14 incomplete (a stream short, the agent lost), else 0.
+    /// The gravest of what happened: see [`summary_exit_code`].
     pub fn exit_code(&self) -> ExitCode {
-        let s = &self.summary;
-        match s.stop_cause {
-            StopCause::Abandoned => ExitCode::Interrupted,
-            StopCause::DomainStopped => ExitCode::DomainStopped,
-            _ if !s.guest_problems.is_empty() => ExitCode::GuestMisbehaved,
-            StopCause::AgentLost | StopCause::AgentError => ExitCode::Incomplete,
-            _ if !s.complete => ExitCode::Incomplete,
-            _ => ExitCode::Ok,
-        }
+        summary_exit_code(&self.summary)
+    }
+}
+
+/// 130 abandoned, 10 domain stopped, 13 the guest broke a rule, 14 incomplete (a stream short,
+/// the agent lost), else 0.
+pub fn summary_exit_code(s: &TraceSummary) -> ExitCode {
+    match s.stop_cause {
+        StopCause::Abandoned => ExitCode::Interrupted,
+        StopCause::DomainStopped => ExitCode::DomainStopped,
+        _ if !s.guest_problems.is_empty() => ExitCode::GuestMisbehaved,
+        StopCause::AgentLost | StopCause::AgentError => ExitCode::Incomplete,
+        _ if !s.complete => ExitCode::Incomplete,
+        _ => ExitCode::Ok,
     }
 }
 
@@ -250,7 +264,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Counts SIGINT/SIGTERM instead of dying, for the life of the process.
-fn install_signal_counter() {
+pub(crate) fn install_signal_counter() {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -263,13 +277,13 @@ fn install_signal_counter() {
     }
 }
 
-fn signals() -> u32 {
+pub(crate) fn signals() -> u32 {
     SIGNALS.load(Ordering::SeqCst)
 }
 
 /// Watches the user and the domain for every wait: a signal beyond those already seen, the
 /// domain stopping or paused (asked of libvirt at most every 500 ms).
-struct DomainWatch<'a> {
+pub(crate) struct DomainWatch<'a> {
     dom: &'a Dom,
     signals_seen: u32,
     last_check: Instant,
@@ -277,7 +291,7 @@ struct DomainWatch<'a> {
 }
 
 impl<'a> DomainWatch<'a> {
-    fn new(dom: &'a Dom) -> DomainWatch<'a> {
+    pub(crate) fn new(dom: &'a Dom) -> DomainWatch<'a> {
         DomainWatch {
             dom,
             signals_seen: signals(),
@@ -286,7 +300,7 @@ impl<'a> DomainWatch<'a> {
         }
     }
 
-    fn check(&mut self) -> Watch {
+    pub(crate) fn check(&mut self) -> Watch {
         if signals() > self.signals_seen {
             return Watch::Abandon;
         }
@@ -311,7 +325,8 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let mut progress = Progress::new(opts.progress);
     let scratch = scratch_next_to(&opts.output)?;
     let booted = boot_if_off(dom, opts, &mut progress)?;
-    let mut rec = match start_recording(dom, opts, scratch.path(), &mut progress) {
+    let budget = opts.max_size.map(|b| Arc::new(ByteBudget::new(b)));
+    let mut rec = match start_recording(dom, opts, scratch.path(), &mut progress, budget) {
         Ok(rec) => rec,
         Err(e) => {
             progress.finish();
@@ -319,7 +334,7 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
         }
     };
     let recording = Recording {
-        hello: rec.hello.clone(),
+        page_size: rec.hello.page_size,
         started: rec.started.clone(),
     };
     progress.recording(&recording.started.cpus);
@@ -328,23 +343,44 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let elapsed = start.elapsed();
     let (mut collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
     progress.finish();
-    let (cpus, page_problems) = write_and_count(opts, &recording, &mut collected)?;
+    let (cpus, page_problems) =
+        write_and_count(opts, &recording, &mut collected, FileLinks::default())?;
     let mut summary = summarise(
-        dom, opts, booted, &recording, collected, cause, elapsed, cpus,
+        Some(dom),
+        opts,
+        booted,
+        &recording,
+        collected,
+        cause,
+        elapsed,
+        cpus,
     );
     summary.guest_problems.extend(page_problems);
     Ok(TraceOutcome { summary })
 }
 
 /// What the agent said when the recording started (checked), kept for the file and summary.
-struct Recording {
-    hello: GuestHello,
-    started: GuestStarted,
+pub(crate) struct Recording {
+    pub(crate) page_size: u32,
+    pub(crate) started: GuestStarted,
+}
+
+/// What ties one file of a run to the others (docs/trace-format.md, "Host and guest files").
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FileLinks {
+    /// The file's TRACEID (random, non-zero) when 0 is given.
+    pub(crate) trace_id: u64,
+    /// Host file: one GUEST option per guest.
+    pub(crate) guests: Vec<crate::tracedat::GuestOption>,
+    /// Guest file: its clock correction.
+    pub(crate) time_shift: Option<crate::tracedat::TimeShift>,
+    /// Files on the `x86-tsc` clock: cycles to ns.
+    pub(crate) tsc2nsec: Option<crate::tracedat::Tsc2Nsec>,
 }
 
 /// Scratch space next to the output: proves the folder is writable before anything starts,
 /// and keeps copy_file_range within one file system.
-fn scratch_next_to(output: &Path) -> Result<tempfile::TempDir, TraceError> {
+pub(crate) fn scratch_next_to(output: &Path) -> Result<tempfile::TempDir, TraceError> {
     let out_dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -359,7 +395,7 @@ fn scratch_next_to(output: &Path) -> Result<tempfile::TempDir, TraceError> {
 }
 
 /// Boots the domain unless it runs (or `--no-boot`); true if it was booted.
-fn boot_if_off(
+pub(crate) fn boot_if_off(
     dom: &Dom,
     opts: &TraceOptions,
     progress: &mut Progress,
@@ -376,11 +412,12 @@ fn boot_if_off(
 }
 
 /// Opens the FIFOs, waits for the agent (bounded, and Ctrl-C ends the wait), asks it to record.
-fn start_recording(
+pub(crate) fn start_recording(
     dom: &Dom,
     opts: &TraceOptions,
     data_dir: &Path,
     progress: &mut Progress,
+    budget: Option<Arc<ByteBudget>>,
 ) -> Result<Recorder, TraceError> {
     let cfg = RecorderConfig {
         socket: opts.domain_dir.join("agent-ctl-path.sock"),
@@ -392,7 +429,7 @@ fn start_recording(
         command: opts.command.clone(),
         connect_timeout: opts.agent_timeout,
         reply_timeout: Duration::from_secs(60),
-        max_bytes: opts.max_size,
+        budget,
     };
     progress.wait(&format!("waiting for tvctl-agent in {}", dom.name()));
     let mut watch = DomainWatch::new(dom);
@@ -505,7 +542,7 @@ impl LiveLoss {
 /// Stops the recording and reads every stream to the agent's count; a second Ctrl-C, the
 /// domain dying or the agent falling silent end the wait with what arrived. Returns the
 /// final stop cause.
-fn stop_and_drain(
+pub(crate) fn stop_and_drain(
     rec: Recorder,
     dom: &Dom,
     cause: StopCause,
@@ -559,10 +596,11 @@ fn stop_and_drain(
 /// Writes the file (temporary name, then rename) from what was collected, leaving corrupt
 /// pages out, then reads it back to count events and lost events per CPU. Also returns the
 /// guest problems found in the pages.
-fn write_and_count(
+pub(crate) fn write_and_count(
     opts: &TraceOptions,
     recording: &Recording,
     collected: &mut Collected,
+    links: FileLinks,
 ) -> Result<(Vec<CpuSummary>, Vec<String>), TraceError> {
     let cpus = &recording.started.cpus;
     let complete: BTreeMap<u32, bool> = collected
@@ -581,12 +619,19 @@ fn write_and_count(
         })
         .collect();
     let counts = collected.stopped.as_ref().map(|s| &s.cpus);
-    let meta = output::trace_meta(
+    let trace_id = match links.trace_id {
+        0 => crate::control::random_u64(),
+        id => id,
+    };
+    let mut meta = output::trace_meta(
         std::mem::take(&mut collected.metadata),
-        recording.hello.page_size,
+        recording.page_size,
         counts,
-        crate::control::random_u64(),
+        trace_id,
     );
+    meta.guests = links.guests;
+    meta.time_shift = links.time_shift;
+    meta.tsc2nsec = links.tsc2nsec;
     let write_err = |source| TraceError::Write {
         path: opts.output.clone(),
         source,
@@ -615,8 +660,8 @@ fn write_and_count(
 
 /// The run's summary: what was asked, what the guest did, what the file holds.
 #[allow(clippy::too_many_arguments)]
-fn summarise(
-    dom: &Dom,
+pub(crate) fn summarise(
+    dom: Option<&Dom>,
     opts: &TraceOptions,
     booted: bool,
     recording: &Recording,
@@ -630,7 +675,7 @@ fn summarise(
     match &collected.end {
         StopEnd::AgentLost(why) => notes.push(format!(
             "{why}: it died, or the guest locked up. The file holds what arrived. Read the last lines of the guest's console log{}",
-            console_hint(dom)
+            dom.map(console_hint).unwrap_or_default()
         )),
         StopEnd::Failed(why) => notes.push(format!("stopping failed: {}", clean_text(why))),
         _ => {}
@@ -668,7 +713,7 @@ fn summarise(
     let guest_problems = collected.problems.to_notes();
     TraceSummary {
         schema: summary::SCHEMA,
-        domain: dom.name(),
+        domain: dom.map_or_else(|| "host".to_string(), |d| d.name()),
         output: opts.output.display().to_string(),
         events_requested: opts.events.clone(),
         events: started.events.clone(),
@@ -692,6 +737,7 @@ fn summarise(
         cpus,
         max_size: opts.max_size,
         guest_problems,
+        sync: None,
         notes,
     }
 }

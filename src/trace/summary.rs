@@ -92,6 +92,8 @@ pub struct TraceSummary {
     pub max_size: Option<u64>,
     /// What the guest sent that broke a rule and was dropped (exit code 13 when not empty).
     pub guest_problems: Vec<String>,
+    /// How this guest's clock was related to the host's (runs of several files only).
+    pub sync: Option<super::timeline::SyncSummary>,
     /// Notes worth a look (splice fallback, stale data discarded, streams cut short).
     pub notes: Vec<String>,
 }
