@@ -388,3 +388,26 @@ fn kvm_method_writes_the_offsets_of_a_synthetic_debugfs_tree() {
         guests[0].vcpu_tids()
     );
 }
+
+#[test]
+fn a_clock_user_space_cannot_read_is_refused_for_several_files_naming_those_that_work() {
+    let lab = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("local.dat");
+
+    let (code, _, log) = lab.trace(&[0, 1], &out, &["-e", "sched", "-C", "local"]);
+
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("x86-tsc") && log.contains("mono"), "{log}");
+    assert!(
+        !out.exists() && !guest_file_exists(dir.path()),
+        "nothing may be written"
+    );
+}
+
+fn guest_file_exists(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".dat"))
+}
