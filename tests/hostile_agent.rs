@@ -54,6 +54,12 @@ fn assert_no_panic(res: &TvctlOutput, played: &Played) {
 }
 
 /// The file exists and `trace-cmd report` reads `events` events from it.
+/// No panic, and the exit code `code`; the failure shows the run and what the fake did.
+fn expect_exit(res: &TvctlOutput, played: &Played, code: ExitCode) {
+    assert_no_panic(res, played);
+    assert_eq!(res.code, exit(code), "{}", context(res, played));
+}
+
 fn assert_file_reads(out: &Path, events: u64, res: &TvctlOutput, played: &Played) {
     assert!(
         out.exists(),
@@ -98,8 +104,7 @@ fn well_behaved_fake_agent_gives_a_complete_file_that_trace_cmd_report_reads() {
     let (res, played) = guest.play(&run, kill_after(secs(30)), |a| a.well_behaved(&data));
 
     eprintln!("well-behaved fake: tvctl {}", res.ending());
-    assert_no_panic(&res, &played);
-    assert_eq!(res.code, exit(ExitCode::Ok), "{}", context(&res, &played));
+    expect_exit(&res, &played, ExitCode::Ok);
     let summary = res.json().expect("JSON summary");
     assert_eq!(summary["complete"], true, "{summary}");
     assert_eq!(summary["stop_cause"], "duration", "{summary}");
@@ -193,13 +198,7 @@ fn unknown_metadata_name_is_noted_exit_13_and_the_file_is_written() {
         a.well_behaved(&data)
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::GuestMisbehaved),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::GuestMisbehaved);
     assert!(
         res.all_text().contains("guest/unknown_file"),
         "the note should name the unknown file\n{}",
@@ -223,13 +222,7 @@ fn duplicate_metadata_name_is_noted_exit_13_and_the_file_is_written() {
         a.well_behaved(&data)
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::GuestMisbehaved),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::GuestMisbehaved);
     assert!(
         res.all_text().contains("events/header_page"),
         "the note should name the file sent twice\n{}",
@@ -461,13 +454,7 @@ fn a_cpu_listed_twice_in_started_is_refused_with_exit_13_and_the_file_keeps_the_
         a.finish()
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::GuestMisbehaved),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::GuestMisbehaved);
     assert_file_reads(&out, events, &res, &played);
 }
 
@@ -487,13 +474,7 @@ fn a_cpu_beyond_the_domains_vcpus_is_refused_with_exit_13_and_the_file_keeps_the
         a.finish_with(stopped)
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::GuestMisbehaved),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::GuestMisbehaved);
     assert_file_reads(&out, events, &res, &played);
 }
 
@@ -896,13 +877,7 @@ fn a_stream_short_of_the_agents_count_ends_with_exit_14_not_0() {
         a.finish_with(stopped)
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::Incomplete),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::Incomplete);
     assert_file_reads(&out, events, &res, &played);
 }
 
@@ -984,8 +959,7 @@ fn garbage_on_the_control_socket_before_hello_reply_is_skipped_and_the_trace_wor
         a.finish()
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(res.code, exit(ExitCode::Ok), "{}", context(&res, &played));
+    expect_exit(&res, &played, ExitCode::Ok);
     assert_eq!(res.json().expect("JSON")["complete"], true);
     assert_file_reads(&out, events, &res, &played);
 }
@@ -1025,8 +999,7 @@ fn max_size_stops_an_endless_stream_at_the_cap_with_stop_cause_max_size() {
         a.finish()
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(res.code, exit(ExitCode::Ok), "{}", context(&res, &played));
+    expect_exit(&res, &played, ExitCode::Ok);
     let summary = res.json().expect("JSON summary");
     // docs/json.md: stop causes are kebab-case.
     assert_eq!(summary["stop_cause"], "max-size", "{summary}");
@@ -1072,13 +1045,7 @@ fn a_guest_that_keeps_writing_after_stop_is_cut_after_its_ring_buffer_with_exit_
         a.finish()
     });
 
-    assert_no_panic(&res, &played);
-    assert_eq!(
-        res.code,
-        exit(ExitCode::GuestMisbehaved),
-        "{}",
-        context(&res, &played)
-    );
+    expect_exit(&res, &played, ExitCode::GuestMisbehaved);
     let in_file = data_bytes_per_cpu(&out);
     for (cpu, (&kept, &before)) in in_file.iter().zip(&before_stop).enumerate() {
         assert!(
