@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -66,23 +66,7 @@ fn trace_cmd(args: &[&str]) -> std::process::Output {
     output
 }
 
-/// Reads a tracefs file with reads of 64 KiB. Smaller reads are not safe: on Linux 6.18 a
-/// 32-byte read of `events/header_page` returns 32 bytes and then end-of-file, which is what
-/// `fs::read` gets for files that report size 0.
-fn read_tracefs(path: &Path) -> Vec<u8> {
-    let mut file =
-        File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    let mut data = Vec::new();
-    let mut chunk = vec![0; 1 << 16];
-    loop {
-        match file.read(&mut chunk) {
-            Ok(0) => return data,
-            Ok(n) => data.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("cannot read {}: {e}", path.display()),
-        }
-    }
-}
+use common::read_tracefs;
 
 /// A tracefs instance that is removed when dropped.
 struct Instance {

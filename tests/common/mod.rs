@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 
 use tvctl::libvirt::{Dom, Hypervisor};
 
+/// Reads a tracefs file whole (tracefs files report size 0, and `fs::read`'s short first read
+/// would cut a header), through the agent's own reader.
+pub fn read_tracefs(path: &Path) -> Vec<u8> {
+    tvctl::agent::tracefs::read_whole(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
 /// Where scripts/build-guest.sh installs the guest.
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("TVCTL_GUEST_DIR")

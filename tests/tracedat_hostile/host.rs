@@ -2,7 +2,7 @@
 //! instance. Needs root; fails saying so.
 
 use super::TRACEFS;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -24,21 +24,7 @@ pub fn tracefs_root() -> PathBuf {
     root
 }
 
-/// Reads a tracefs file with 64 KiB reads (a short first read of a header truncates it).
-pub fn read_tracefs(path: &Path) -> Vec<u8> {
-    let mut file =
-        File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    let mut data = Vec::new();
-    let mut chunk = vec![0; 1 << 16];
-    loop {
-        match file.read(&mut chunk) {
-            Ok(0) => return data,
-            Ok(n) => data.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("cannot read {}: {e}", path.display()),
-        }
-    }
-}
+pub use crate::common::read_tracefs;
 
 /// Every event format of the host, as (system, event, text).
 pub fn host_formats(root: &Path) -> Vec<(String, String, Vec<u8>)> {

@@ -2,8 +2,7 @@
 //! the real `trace-cmd report` as the judge of the file tvctl writes.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read};
+use std::fs::OpenOptions;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -108,20 +107,7 @@ impl GuestFiles {
     }
 }
 
-/// Reads a tracefs file with 64 KiB reads (some report size 0, so `fs::read` gets nothing).
-fn read_tracefs(path: &Path) -> Vec<u8> {
-    let mut file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut data = Vec::new();
-    let mut chunk = vec![0; 1 << 16];
-    loop {
-        match file.read(&mut chunk) {
-            Ok(0) => return data,
-            Ok(n) => data.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("read {}: {e}", path.display()),
-        }
-    }
-}
+use crate::common::read_tracefs;
 
 /// Records `sched_switch` in a private tracefs instance and reads this host's formats.
 fn record_guest_files() -> GuestFiles {
