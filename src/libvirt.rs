@@ -4,6 +4,8 @@
 //! Errors are mapped to [`LibvirtError`] variants that callers can tell apart (daemon down,
 //! no such domain, permission) and whose messages say how to fix the problem.
 
+pub mod events;
+
 use std::fmt;
 
 use virt::connect::Connect;
