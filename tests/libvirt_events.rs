@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{with_devices, TestVm, URI};
-use tvctl::libvirt::events::{CloseReason, DomainEvent, DomainEventKind, DomainEvents, Event};
+use tvctl::libvirt::events::{
+    CloseReason, DomainEvent, DomainEventKind, DomainEvents, Event, KeepAlive,
+};
 
 /// How long an event may take to arrive (it takes milliseconds; the margin is for a busy host).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -310,4 +312,50 @@ fn libvirtd_restart_delivers_connection_lost_and_a_new_subscription_works() {
 
     assert_eq!(lost, CloseReason::Eof, "libvirtd closed the socket");
     assert_eq!(stopped.last(), Some(&(DomainEventKind::Stopped, 1)));
+}
+
+/// Sends SIGCONT to libvirtd when the keepalive test ends, also when it panics.
+struct Resumer;
+
+impl Drop for Resumer {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-CONT", "-x", "libvirtd"])
+            .status();
+    }
+}
+
+#[test]
+fn hung_libvirtd_is_reported_by_keepalive() {
+    let _serial = serial();
+    let keepalive = KeepAlive {
+        interval_secs: 1,
+        count: 1,
+    };
+    let events = DomainEvents::open_with(URI, keepalive).unwrap_or_else(|e| {
+        panic!("this test needs a running libvirtd: {e}\n(scripts/install-deps.sh installs and starts it)")
+    });
+
+    let resumer = Resumer;
+    let stopped = Instant::now();
+    let pkill = Command::new("pkill")
+        .args(["-STOP", "-x", "libvirtd"])
+        .status()
+        .expect("run pkill");
+    assert!(pkill.success(), "pkill -x libvirtd found no libvirtd");
+    let got = events.recv_timeout(EVENT_TIMEOUT);
+    let after = stopped.elapsed();
+    drop(resumer);
+    eprintln!(
+        "event latency: libvirtd stopped (SIGSTOP), keepalive 1 s x 1: {got:?} after {after:?}"
+    );
+
+    assert_eq!(got, Ok(Event::ConnectionLost(CloseReason::Keepalive)));
+    assert!(
+        after < Duration::from_secs(5),
+        "keepalive took {after:?} to notice"
+    );
+    // The daemon answers again once continued.
+    drop(events);
+    subscribe();
 }
