@@ -12,7 +12,7 @@
 //! - `VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE` → [`Event::Agent`]; libvirt raises it only for the
 //!   qemu-ga channel `org.qemu.guest_agent.0`, never for tvctl's own channels;
 //! - `VIR_DOMAIN_EVENT_ID_CHANNEL_LIFECYCLE` → [`Event::Channel`], when the daemon knows it
-//!   (libvirt ≥ 11.0; libvirt 9.0 refuses it, see [`DomainEvents::channel_events`]);
+//!   (libvirt ≥ 12.4; libvirt 9.0 refuses it, see [`DomainEvents::channel_events`]);
 //! - a close callback → [`Event::ConnectionLost`]: libvirtd exited or stopped answering
 //!   keepalives. The connection is dead after that; open a new `DomainEvents`.
 //!
@@ -125,7 +125,7 @@ pub enum Event {
         state: ChannelState,
         reason: i32,
     },
-    /// Any virtio-serial channel opened or closed (libvirt ≥ 11.0 only).
+    /// Any virtio-serial channel opened or closed (libvirt ≥ 12.4 only).
     Channel {
         name: String,
         uuid: String,
