@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tvctl::proto::{
     CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, Metadata, Ping, Pong,
-    RecordRequest, Started, StopReason, Stopped, PROTOCOL_VERSION,
+    RecordRequest, Started, StopReason, Stopped, SyncProbe, SyncReply, PROTOCOL_VERSION,
 };
 use tvctl::tracedat::{write_trace_dat, CpuData, TraceMeta};
 
@@ -99,6 +99,14 @@ fn sample_messages() -> Vec<Message> {
             ts: 0x0102,
         }),
         Message::Close,
+        Message::SyncProbe(SyncProbe { nonce: 5 }),
+        Message::SyncReply(SyncReply {
+            nonce: 5,
+            clock: "x86-tsc".into(),
+            before: 1_000,
+            after: 1_250,
+            marked: true,
+        }),
     ]
 }
 
@@ -108,6 +116,11 @@ fn frame(msg: &Message) -> Vec<u8> {
 
 fn frames() -> Seeds {
     let all: Vec<u8> = sample_messages().iter().flat_map(frame).collect();
+    // Version 1 frames: version-2 kinds among them are unknown kinds at version 1.
+    let all_v1: Vec<u8> = sample_messages()
+        .iter()
+        .flat_map(|m| m.encode_frame(1).expect("sample encodes"))
+        .collect();
     let ping = frame(&Message::Ping(Ping { nonce: 7 }));
     let hello = frame(&sample_messages()[0]);
     let mut bad_flags = ping.clone();
@@ -124,6 +137,7 @@ fn frames() -> Seeds {
         ("seed-all-kinds-bytewise", with(0, &[&all])),
         ("seed-all-kinds-pieces", with(7, &[&all])),
         ("seed-all-kinds-read", with(0x85, &[&all])),
+        ("seed-all-kinds-v1", with(0x03, &[&all_v1])),
         ("seed-hello", with(3, &[&hello])),
         (
             "seed-garbage-between",
@@ -154,6 +168,8 @@ fn messages() -> Seeds {
         "seed-ping",
         "seed-pong",
         "seed-close",
+        "seed-sync-probe",
+        "seed-sync-reply",
     ];
     let msgs = sample_messages();
     assert_eq!(names.len(), msgs.len());
