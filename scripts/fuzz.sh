@@ -92,7 +92,11 @@ done
 
 for t in "${failed[@]}"; do
   echo "=== fuzz: $t FAILED (exit $(cat "$run_dir/$t.rc")); end of fuzz/$run_dir/$t.log:" >&2
-  grep -v -e '^WARNING: Failed to find function' "$run_dir/$t.log" | tail -40 >&2
+  # What failed first (the panic message sits above a long backtrace), then the end.
+  grep -a -m1 -A2 -e 'panicked at' -e 'tvctl-fuzz: allocation' -e 'ERROR: libFuzzer' \
+    "$run_dir/$t.log" >&2 || true
+  echo "..." >&2
+  grep -a -v -e '^WARNING: Failed to find function' "$run_dir/$t.log" | tail -15 >&2
   crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$run_dir/$t.log" | tail -1)
   if [ -n "$crash" ]; then
     echo "reproduce: $bin/$t $PWD/$crash" >&2
