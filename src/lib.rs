@@ -21,6 +21,7 @@
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
 
 pub mod agent;
+pub mod collect;
 pub mod proto;
 pub mod tracedat;
 pub mod zerocopy;
@@ -29,8 +30,6 @@ pub mod zerocopy;
 pub mod channels;
 #[cfg(feature = "host")]
 pub mod cli;
-#[cfg(feature = "host")]
-pub mod collect;
 #[cfg(feature = "host")]
 pub mod control;
 #[cfg(feature = "host")]

@@ -10,6 +10,7 @@
 
 pub mod alloc_guard;
 pub mod frames;
+pub mod guest_input;
 pub mod messages;
 pub mod metadata;
 pub mod pages;
@@ -25,6 +26,7 @@ pub type Target = fn(&[u8]);
 /// Every target by name, as the binaries, `corpus/` and `artifacts/` call it.
 pub const TARGETS: &[(&str, Target)] = &[
     ("frames", frames::run),
+    ("guest_input", guest_input::run),
     ("messages", messages::run),
     ("metadata", metadata::run),
     ("pages", pages::run),

@@ -24,6 +24,7 @@ type Seeds = Vec<(&'static str, Vec<u8>)>;
 fn seeds(target: &str) -> Seeds {
     match target {
         "frames" => frames(),
+        "guest_input" => guest_input(),
         "messages" => messages(),
         "metadata" => metadata(),
         "pages" => pages(),
@@ -31,6 +32,67 @@ fn seeds(target: &str) -> Seeds {
         "tracedat" => tracedat(),
         other => panic!("no seeds for target {other}: add them in src/seeds.rs"),
     }
+}
+
+/// What an agent sends in a recording, as frames: HelloReply, Started, metadata, Stopped; and
+/// the same with hostile values (duplicate CPUs, escape sequences, unknown names).
+fn guest_input() -> Seeds {
+    let frame = |m: &Message| m.encode_frame(PROTOCOL_VERSION).unwrap();
+    let session = |cpus: Vec<u32>, note: &str, names: &[&str]| {
+        let mut out = Vec::new();
+        for m in sample_messages() {
+            if matches!(m, Message::HelloReply(_)) {
+                out.extend(frame(&m));
+            }
+        }
+        out.extend(frame(&Message::Started(Started {
+            instance: "tvctl-1".into(),
+            events: vec!["sched:sched_switch".into()],
+            cpus: cpus.clone(),
+            buffer_kb: 1408,
+            clock: "x86-tsc".into(),
+            splice: true,
+            note: note.into(),
+        })));
+        for name in names {
+            let data: &[u8] = match *name {
+                "events/header_page" => HEADER_PAGE_64,
+                "events/header_event" => HEADER_EVENT,
+                _ => b"Linux 6.1\n",
+            };
+            for chunk in tvctl::proto::split_metadata(name, data).unwrap() {
+                out.extend(frame(&Message::Metadata(chunk)));
+            }
+        }
+        out.extend(frame(&Message::Stopped(Stopped {
+            reason: StopReason::HostRequest,
+            command_status: None,
+            cpus: cpus
+                .iter()
+                .map(|&cpu| CpuStopped {
+                    cpu,
+                    bytes: 4096,
+                    entries: 1,
+                    overrun: u64::MAX,
+                    commit_overrun: 1,
+                    dropped_events: 0,
+                    read_events: 1,
+                    stats_text: "entries: 1\n\x1b[2J".into(),
+                })
+                .collect(),
+        })));
+        out
+    };
+    vec![
+        (
+            "seed-guest-input-session",
+            session(vec![0, 1], "", &["events/header_page", "events/header_event", "uname"]),
+        ),
+        (
+            "seed-guest-input-hostile",
+            session(vec![1, 1, 9], "\x1b]52;c;x\x07\nfake", &["uname", "uname", "junk/x"]),
+        ),
+    ]
 }
 
 /// One message of every kind, with the values of src/proto/golden_tests.rs.

@@ -5,8 +5,11 @@
 //! CPU keeps each splice loop trivial, and guests have few vCPUs.
 
 pub mod guest_input; // the boundary with the untrusted guest: checked, cleaned, bounded
+#[cfg(feature = "host")]
 pub mod host; // the host recorded like a guest: its own instance, the agent's pumps, FIFOs
+#[cfg(feature = "host")]
 pub mod progress; // the live display on a terminal; lost events counted from page headers
+#[cfg(feature = "host")]
 pub mod recorder; // one recording: FIFO readers, control session, stop and drain
 pub mod stream; // one CPU: FIFO → marker search → splice to the data file, exact byte count
 pub mod tsc; // the host's TSC and the kernel's cycles→ns conversion (TSC2NSEC)
