@@ -49,21 +49,31 @@ pub fn run(data: &[u8]) {
     let (files, _formats) = inbox.finish(&mut problems);
     assert!(files.len() <= MAX_METADATA_FILES);
     let total: u64 = files.values().map(|f| f.len() as u64).sum();
-    assert!(total <= MAX_METADATA_TOTAL, "{total} bytes of metadata kept");
+    assert!(
+        total <= MAX_METADATA_TOTAL,
+        "{total} bytes of metadata kept"
+    );
     assert!(problems.to_notes().len() <= MAX_GUEST_PROBLEMS + 1);
     for note in &problems.to_notes() {
         assert_printable(note, false);
     }
 }
 
-fn handle(msg: Message, problems: &mut GuestProblems, inbox: &mut MetadataInbox, cpus: &mut Vec<u32>) {
+fn handle(
+    msg: Message,
+    problems: &mut GuestProblems,
+    inbox: &mut MetadataInbox,
+    cpus: &mut Vec<u32>,
+) {
     match msg {
         Message::HelloReply(r) => {
             if let Ok(h) = GuestHello::check(&r) {
                 assert!(h.page_size.is_power_of_two() && h.page_size >= 4096);
                 assert_printable(&h.agent_version, false);
                 assert_printable(&h.kernel_release, false);
-                h.trace_clocks.iter().for_each(|c| assert_printable(c, false));
+                h.trace_clocks
+                    .iter()
+                    .for_each(|c| assert_printable(c, false));
             }
         }
         Message::Started(s) => {

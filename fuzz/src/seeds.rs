@@ -86,11 +86,19 @@ fn guest_input() -> Seeds {
     vec![
         (
             "seed-guest-input-session",
-            session(vec![0, 1], "", &["events/header_page", "events/header_event", "uname"]),
+            session(
+                vec![0, 1],
+                "",
+                &["events/header_page", "events/header_event", "uname"],
+            ),
         ),
         (
             "seed-guest-input-hostile",
-            session(vec![1, 1, 9], "\x1b]52;c;x\x07\nfake", &["uname", "uname", "junk/x"]),
+            session(
+                vec![1, 1, 9],
+                "\x1b]52;c;x\x07\nfake",
+                &["uname", "uname", "junk/x"],
+            ),
         ),
     ]
 }
