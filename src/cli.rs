@@ -80,14 +80,15 @@ pub struct TraceArgs {
     #[arg(short = 'H', long = "host-event", value_name = "EVENT")]
     pub host_events: Vec<String>,
     /// How guest clocks are related to the host's when several files are written: kvm
-    /// (debugfs tsc-offset, exact), probe (timestamp exchanges), none [default: kvm where the
-    /// domain runs under KVM, else probe]
+    /// (debugfs tsc-offset, exact), probe (timestamp exchanges), none; auto is kvm where the
+    /// domain runs under KVM, else probe
     #[arg(long, value_name = "METHOD", value_parser = ["auto", "kvm", "probe", "none"], default_value = "auto")]
     pub sync: String,
     /// Events to record, in trace-cmd's forms: sched, sched:sched_switch, sched_switch, 'sched*', 'irq:*'
     #[arg(short = 'e', long = "event", value_name = "EVENT", required = true)]
     pub events: Vec<String>,
-    /// Output file [default: trace-<domain>.dat]
+    /// Output file [default: trace-<domain>.dat; with several domains or --host, trace.dat
+    /// for the host and trace-<domain>.dat per guest]
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Stop after this many seconds (else on Ctrl-C, the command's end, or the domain stopping)
@@ -96,7 +97,8 @@ pub struct TraceArgs {
     /// Per-CPU ring buffer size in the guest, in KiB [default: the guest kernel's]
     #[arg(short = 'b', long = "buffer-kb", value_name = "KB")]
     pub buffer_kb: Option<u32>,
-    /// Trace clock in the guest (local, global, mono, x86-tsc, ...) [default: the guest's]
+    /// Trace clock in the guest (local, global, mono, x86-tsc, ...) [default: the guest's;
+    /// x86-tsc with several domains or --host]
     #[arg(short = 'C', long = "clock", value_name = "CLOCK")]
     pub clock: Option<String>,
     /// Do not boot the domain if it is off (fail instead)
