@@ -390,6 +390,65 @@ fn kvm_method_writes_the_offsets_of_a_synthetic_debugfs_tree() {
 }
 
 #[test]
+fn kvm_method_notes_an_offset_that_moved_during_the_recording() {
+    let lab = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("moved.dat");
+    let vm = &lab.vms[1];
+    if !vm.dom.is_active().unwrap() {
+        vm.start();
+        vm.wait_console_line("tvctl-agent: ready", common::boot_timeout());
+    }
+    let pid = vm.dom.qemu_pid().expect("QEMU pid of a running domain");
+    let debugfs = dir.path().join("debugfs");
+    for n in 0..3 {
+        let vcpu = debugfs.join(format!("kvm/{pid}-11/vcpu{n}"));
+        std::fs::create_dir_all(&vcpu).unwrap();
+        std::fs::write(vcpu.join("tsc-offset"), "-1000\n").unwrap();
+    }
+    let moved = debugfs.join(format!("kvm/{pid}-11/vcpu2/tsc-offset"));
+    let before = vm.console_count("tvctl-agent: recording ");
+    let (root, out_s, name, fs) = (
+        lab.root.clone(),
+        out.clone(),
+        vm.name.clone(),
+        debugfs.clone(),
+    );
+    let child = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_tvctl"))
+            .arg("--dir")
+            .arg(&root)
+            .args([
+                "--json",
+                "trace",
+                &name,
+                "--host",
+                "-e",
+                "sched:sched_switch",
+            ])
+            .args(["--duration", "4", "--sync", "kvm", "-o"])
+            .arg(&out_s)
+            .env("TVCTL_TEST_DEBUGFS", &fs)
+            .output()
+            .expect("run tvctl")
+    });
+
+    vm.wait_console_count("tvctl-agent: recording ", before, common::boot_timeout());
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(&moved, "-5000\n").unwrap();
+    let res = child.join().unwrap();
+
+    let log = text(&res);
+    assert_eq!(res.status.code(), Some(0), "{log}");
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    let notes = summary["guests"][0]["notes"].to_string();
+    assert!(
+        notes.contains("changed during the recording") && notes.contains("[2]"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_clock_user_space_cannot_read_is_refused_for_several_files_naming_those_that_work() {
     let lab = lab();
     let dir = tempfile::tempdir().unwrap();

@@ -181,6 +181,8 @@ struct Guest<'a> {
     samples: Vec<Sample>,
     /// Clocks the agent read that were not the run's (an old agent): probes unusable.
     wrong_clock: Option<String>,
+    /// KVM's vCPU clocks read at the start (kvm method), to see whether they moved.
+    kvm_at_start: Option<crate::tsync::kvm::KvmClocks>,
     next_probe: Instant,
 }
 
@@ -225,6 +227,9 @@ pub fn run(t: &TimelineOptions) -> Result<TimelineSummary, TraceError> {
 
     let start = Instant::now();
     for g in &mut guests {
+        if matches!(t.sync, SyncMethod::Kvm | SyncMethod::Auto) && clock == "x86-tsc" {
+            g.kvm_at_start = read_kvm(g, t).ok();
+        }
         probe_burst(g, &clock, &mark);
     }
     let cause = record(
@@ -342,6 +347,7 @@ fn start_guests<'a>(
             cause: None,
             samples: Vec::new(),
             wrong_clock: None,
+            kvm_at_start: None,
             next_probe: Instant::now(),
         });
     }
@@ -530,15 +536,17 @@ fn clock_correction(
         );
     }
     if matches!(t.sync, SyncMethod::Kvm | SyncMethod::Auto) && clock == "x86-tsc" {
-        let kvm = g
-            .dom
-            .qemu_pid()
-            .ok_or_else(|| "the QEMU pid is unknown".to_string())
-            .and_then(|pid| {
-                crate::tsync::kvm::read_clocks(&t.debugfs, pid, cpus).map_err(|e| e.to_string())
-            });
+        let kvm = read_kvm(g, t);
         match kvm {
             Ok(clocks) => {
+                if let Some(start) = &g.kvm_at_start {
+                    let moved = clocks.changed_since(start);
+                    if !moved.is_empty() {
+                        notes.push(format!(
+                            "the TSC offset of guest CPUs {moved:?} changed during the recording (the guest wrote its TSC, or was migrated): their events before the change are shifted by the difference; --sync probe would show the change as a new segment"
+                        ));
+                    }
+                }
                 let offsets: Vec<i64> = clocks.vcpus.iter().map(|v| v.offset()).collect();
                 let shift = TimeShift::fixed_offsets(host_id, &offsets).ok();
                 let segments = offsets
@@ -647,6 +655,13 @@ fn place_gap_samples(est: &mut Estimate, samples: &[Sample]) {
             }
         }
     }
+}
+
+/// KVM's vCPU clocks of a guest, from debugfs.
+fn read_kvm(g: &Guest, t: &TimelineOptions) -> Result<crate::tsync::kvm::KvmClocks, String> {
+    let pid = g.dom.qemu_pid().ok_or("the QEMU pid is unknown")?;
+    let cpus = g.recording.started.cpus.len();
+    crate::tsync::kvm::read_clocks(&t.debugfs, pid, cpus).map_err(|e| e.to_string())
 }
 
 /// Host thread of each vCPU: QEMU names them `CPU n/TCG` or `CPU n/KVM`.
