@@ -323,25 +323,34 @@ fn suspend_and_resume_mid_trace_start_a_new_segment_and_keep_every_chain_in_orde
     );
 }
 
+/// Boots `vm` if it is off and makes what KVM would show for it under `dir/debugfs`:
+/// `kvm/<qemu pid>-<vm fd>/vcpuN/tsc-offset` (guest = host + offset), one per `offsets`.
+/// Returns the debugfs root and the vCPU directories.
+fn synthetic_kvm_debugfs(vm: &TestVm, dir: &Path, offsets: &[i64]) -> (PathBuf, Vec<PathBuf>) {
+    if !vm.dom.is_active().unwrap() {
+        vm.start();
+        vm.wait_console_line("tvctl-agent: ready", common::boot_timeout());
+    }
+    let pid = vm.dom.qemu_pid().expect("QEMU pid of a running domain");
+    let debugfs = dir.join("debugfs");
+    let mut vcpus = Vec::new();
+    for (n, off) in offsets.iter().enumerate() {
+        let vcpu = debugfs.join(format!("kvm/{pid}-11/vcpu{n}"));
+        std::fs::create_dir_all(&vcpu).unwrap();
+        std::fs::write(vcpu.join("tsc-offset"), format!("{off}\n")).unwrap();
+        vcpus.push(vcpu);
+    }
+    (debugfs, vcpus)
+}
+
 #[test]
 fn kvm_method_writes_the_offsets_of_a_synthetic_debugfs_tree() {
     let lab = lab();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("kvm.dat");
     let vm = &lab.vms[1];
-    if !vm.dom.is_active().unwrap() {
-        vm.start();
-        vm.wait_console_line("tvctl-agent: ready", common::boot_timeout());
-    }
-    let pid = vm.dom.qemu_pid().expect("QEMU pid of a running domain");
-    // What KVM would show: kvm/<qemu pid>-<vm fd>/vcpuN/tsc-offset (guest = host + offset).
-    let debugfs = dir.path().join("debugfs");
     let offsets: [i64; 3] = [-1_234_567_890, -1_234_567_891, -1_234_567_892];
-    for (n, off) in offsets.iter().enumerate() {
-        let vcpu = debugfs.join(format!("kvm/{pid}-11/vcpu{n}"));
-        std::fs::create_dir_all(&vcpu).unwrap();
-        std::fs::write(vcpu.join("tsc-offset"), format!("{off}\n")).unwrap();
-    }
+    let (debugfs, _) = synthetic_kvm_debugfs(vm, dir.path(), &offsets);
 
     let (code, summary, log) = lab.trace_env(
         &[1],
@@ -395,18 +404,8 @@ fn kvm_method_notes_an_offset_that_moved_during_the_recording() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("moved.dat");
     let vm = &lab.vms[1];
-    if !vm.dom.is_active().unwrap() {
-        vm.start();
-        vm.wait_console_line("tvctl-agent: ready", common::boot_timeout());
-    }
-    let pid = vm.dom.qemu_pid().expect("QEMU pid of a running domain");
-    let debugfs = dir.path().join("debugfs");
-    for n in 0..3 {
-        let vcpu = debugfs.join(format!("kvm/{pid}-11/vcpu{n}"));
-        std::fs::create_dir_all(&vcpu).unwrap();
-        std::fs::write(vcpu.join("tsc-offset"), "-1000\n").unwrap();
-    }
-    let moved = debugfs.join(format!("kvm/{pid}-11/vcpu2/tsc-offset"));
+    let (debugfs, vcpu_dirs) = synthetic_kvm_debugfs(vm, dir.path(), &[-1000, -1000, -1000]);
+    let moved = vcpu_dirs[2].join("tsc-offset");
     let before = vm.console_count("tvctl-agent: recording ");
     let (root, out_s, name, fs) = (
         lab.root.clone(),

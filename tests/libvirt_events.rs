@@ -10,12 +10,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{with_devices, TestVm, URI};
+use common::{TestVm, URI};
 use tvctl::libvirt::events::{
     CloseReason, DomainEvent, DomainEventKind, DomainEvents, Event, KeepAlive,
 };
@@ -34,31 +33,6 @@ fn subscribe() -> DomainEvents {
     DomainEvents::open(URI).unwrap_or_else(|e| {
         panic!("this test needs a running libvirtd: {e}\n(scripts/install-deps.sh installs and starts it)")
     })
-}
-
-/// Replaces the built-in guest's kernel by a disk whose boot sector halts the vCPUs.
-fn boot_a_halting_disk(xml: &str, dir: &Path) -> String {
-    let mut sector = vec![0u8; 512];
-    sector[..4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp back to hlt
-    sector[510..].copy_from_slice(&[0x55, 0xaa]);
-    let disk = dir.join("halt.img");
-    std::fs::write(&disk, &sector).expect("write the boot sector");
-    let (Some(from), Some(to)) = (xml.find("<kernel>"), xml.find("</cmdline>")) else {
-        panic!("the built-in guest's XML boots no kernel:\n{xml}");
-    };
-    let xml = format!(
-        "{}<boot dev='hd'/>{}",
-        &xml[..from],
-        &xml[to + "</cmdline>".len()..]
-    );
-    with_devices(
-        &xml,
-        &format!(
-            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-             <source file='{}'/><target dev='hda' bus='ide'/></disk>",
-            disk.display()
-        ),
-    )
 }
 
 /// Waits until `name` has an event of kind `want`; returns that domain's events up to and
@@ -139,7 +113,7 @@ fn virsh(args: &[&str]) {
 fn start_then_destroy_delivers_started_then_stopped() {
     let _serial = serial();
     let events = subscribe();
-    let vm = TestVm::define("events-start", 1, boot_a_halting_disk);
+    let vm = TestVm::define("events-start", 1, common::boot_a_halting_disk);
 
     let started = act_and_expect(
         &events,
@@ -167,7 +141,7 @@ fn start_then_destroy_delivers_started_then_stopped() {
 #[test]
 fn suspend_then_resume_delivers_suspended_then_resumed() {
     let _serial = serial();
-    let vm = TestVm::define("events-pause", 1, boot_a_halting_disk);
+    let vm = TestVm::define("events-pause", 1, common::boot_a_halting_disk);
     vm.start();
     let events = subscribe();
 
@@ -200,7 +174,7 @@ fn dropping_one_subscription_leaves_the_others_working() {
     drop(first);
 
     // The survivor still works after another subscription's callbacks were freed.
-    let vm = TestVm::define("events-drop", 1, boot_a_halting_disk);
+    let vm = TestVm::define("events-drop", 1, common::boot_a_halting_disk);
     act_and_expect(
         &events,
         &vm,
@@ -259,7 +233,7 @@ fn libvirtd_restart_delivers_connection_lost_and_a_new_subscription_works() {
     let _serial = serial();
     let restarter = Restarter;
     // A domain that runs across the restart: QEMU outlives libvirtd, which takes it back.
-    let mut survivor = TestVm::define("events-survivor", 1, boot_a_halting_disk);
+    let mut survivor = TestVm::define("events-survivor", 1, common::boot_a_halting_disk);
     survivor.start();
     let events = subscribe();
 
@@ -294,7 +268,7 @@ fn libvirtd_restart_delivers_connection_lost_and_a_new_subscription_works() {
         .expect("look up the survivor");
 
     let fresh = subscribe();
-    let vm = TestVm::define("events-restart", 1, boot_a_halting_disk);
+    let vm = TestVm::define("events-restart", 1, common::boot_a_halting_disk);
     act_and_expect(
         &fresh,
         &vm,

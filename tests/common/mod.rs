@@ -90,6 +90,34 @@ pub fn with_devices(xml: &str, devices: &str) -> String {
     xml.replacen("</devices>", &format!("{devices}\n  </devices>"), 1)
 }
 
+/// The built-in guest's XML with its kernel replaced by a 512-byte disk whose boot sector
+/// halts the vCPU for good (`cli; hlt`): QEMU and its chardevs are real and the domain is
+/// running, but no guest code of ours runs and the vCPUs cost nothing. (A paused domain would
+/// not do: tvctl rightly excuses the silence of a paused guest's agent.)
+pub fn boot_a_halting_disk(xml: &str, dir: &Path) -> String {
+    let mut sector = vec![0u8; 512];
+    sector[..4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp back to hlt
+    sector[510..].copy_from_slice(&[0x55, 0xaa]);
+    let disk = dir.join("halt.img");
+    std::fs::write(&disk, &sector).expect("write the boot sector");
+    let (Some(from), Some(to)) = (xml.find("<kernel>"), xml.find("</cmdline>")) else {
+        panic!("the built-in guest's XML boots no kernel:\n{xml}");
+    };
+    let xml = format!(
+        "{}<boot dev='hd'/>{}",
+        &xml[..from],
+        &xml[to + "</cmdline>".len()..]
+    );
+    with_devices(
+        &xml,
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+             <source file='{}'/><target dev='hda' bus='ide'/></disk>",
+            disk.display()
+        ),
+    )
+}
+
 /// A test domain of the built-in guest, removed on drop.
 pub struct TestVm {
     pub name: String,

@@ -73,7 +73,7 @@ impl FakeGuest {
     /// (real `tvctl setup`), starts it, and takes over its control socket. Takes about a
     /// second.
     pub fn start(tag: &str, vcpus: u32) -> FakeGuest {
-        let vm = TestVm::define(tag, vcpus, boot_a_halting_disk);
+        let vm = TestVm::define(tag, vcpus, super::boot_a_halting_disk);
         let root = super::lab_root().join(format!("{}-root", vm.name));
         let dir = root.join(&vm.name);
         let mut guest = FakeGuest {
@@ -233,34 +233,6 @@ fn accept(
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// The built-in guest's XML with its kernel replaced by a 512-byte disk whose boot sector
-/// halts the vCPU for good (`cli; hlt`): QEMU and its chardevs are real and the domain is
-/// running, but no guest code of ours runs and the vCPUs cost nothing. (A paused domain would
-/// not do: tvctl rightly excuses the silence of a paused guest's agent.)
-fn boot_a_halting_disk(xml: &str, dir: &Path) -> String {
-    let mut sector = vec![0u8; 512];
-    sector[..4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp back to hlt
-    sector[510..].copy_from_slice(&[0x55, 0xaa]);
-    let disk = dir.join("halt.img");
-    std::fs::write(&disk, &sector).expect("write the boot sector");
-    let (Some(from), Some(to)) = (xml.find("<kernel>"), xml.find("</cmdline>")) else {
-        panic!("the built-in guest's XML boots no kernel:\n{xml}");
-    };
-    let xml = format!(
-        "{}<boot dev='hd'/>{}",
-        &xml[..from],
-        &xml[to + "</cmdline>".len()..]
-    );
-    super::with_devices(
-        &xml,
-        &format!(
-            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-             <source file='{}'/><target dev='hda' bus='ide'/></disk>",
-            disk.display()
-        ),
-    )
 }
 
 impl Drop for FakeGuest {
