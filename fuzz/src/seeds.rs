@@ -11,8 +11,9 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use tvctl::proto::{
-    CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, Metadata, Ping, Pong,
-    RecordRequest, Started, StopReason, Stopped, SyncProbe, SyncReply, PROTOCOL_VERSION,
+    CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, Metadata, OfferAnswer, Ping,
+    Pong, RecordDone, RecordOffer, RecordRequest, ServeReady, Started, StopReason, Stopped,
+    SyncProbe, SyncReply, PROTOCOL_VERSION,
 };
 use tvctl::tracedat::{write_trace_dat, CpuData, TraceMeta};
 
@@ -176,6 +177,31 @@ fn sample_messages() -> Vec<Message> {
             before: 1_000,
             after: 1_250,
             marked: true,
+        }),
+        Message::ServeReady(ServeReady {
+            host: "tvctl serve".into(),
+        }),
+        Message::RecordOffer(RecordOffer {
+            offer_id: 1,
+            name: "smoke".into(),
+            events: vec!["sched".into()],
+            buffer_kb: Some(1024),
+            clock: Some("mono".into()),
+        }),
+        Message::OfferAnswer(OfferAnswer {
+            offer_id: 1,
+            accepted: true,
+            file: "/var/lib/tvctl/web1/recordings/x.dat".into(),
+            text: String::new(),
+        }),
+        Message::RecordDone(RecordDone {
+            offer_id: 1,
+            file: "/var/lib/tvctl/web1/recordings/x.dat".into(),
+            events: 10,
+            lost: 0,
+            bytes: 4096,
+            complete: true,
+            text: "stopped in the guest".into(),
         }),
     ]
 }

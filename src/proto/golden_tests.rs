@@ -304,14 +304,18 @@ fn kind_numbers_are_the_documented_ones() {
         (MessageKind::Close, 11),
         (MessageKind::SyncProbe, 12),
         (MessageKind::SyncReply, 13),
+        (MessageKind::ServeReady, 14),
+        (MessageKind::RecordOffer, 15),
+        (MessageKind::OfferAnswer, 16),
+        (MessageKind::RecordDone, 17),
     ];
     for (kind, n) in kinds {
         assert_eq!(u16::from(kind), n);
         assert_eq!(MessageKind::try_from(n).unwrap(), kind);
     }
     assert!(matches!(
-        MessageKind::try_from(14),
-        Err(ProtoError::UnknownKind { kind: 14 })
+        MessageKind::try_from(18),
+        Err(ProtoError::UnknownKind { kind: 18 })
     ));
 }
 
@@ -372,8 +376,9 @@ fn error_codes_are_the_documented_ones() {
         (ErrorCode::Internal, 10),
         (ErrorCode::NotRecording, 11),
         (ErrorCode::BadRequest, 12),
+        (ErrorCode::NoServe, 13),
         (ErrorCode::Other(0), 0),
-        (ErrorCode::Other(13), 13),
+        (ErrorCode::Other(14), 14),
     ];
     for (code, n) in codes {
         assert_eq!(u32::from(code), n);
@@ -388,11 +393,12 @@ fn stop_reasons_are_the_documented_ones_and_others_are_bad() {
         (StopReason::CommandExited, 2),
         (StopReason::AgentError, 3),
         (StopReason::HostGone, 4),
+        (StopReason::GuestRequest, 5),
     ] {
         assert_eq!(StopReason::try_from(n).unwrap(), reason);
     }
     assert!(StopReason::try_from(0).is_err());
-    assert!(Message::decode(7, &hex("05 00 00 00 00 00")).is_err());
+    assert!(Message::decode(7, &hex("06 00 00 00 00 00")).is_err());
 }
 
 #[test]
@@ -488,4 +494,89 @@ fn error_text_is_cut_at_a_char_boundary() {
     let msg = ErrorMessage::new(ErrorCode::Internal, long);
     assert_eq!(msg.text.len(), limits::MAX_TEXT);
     assert!(Message::Error(msg).encode_frame(1).is_ok());
+}
+
+#[test]
+fn serve_ready_matches_documented_example() {
+    assert_golden(
+        Message::ServeReady(ServeReady {
+            host: "serve".into(),
+        }),
+        "54 56 43 54 | 03 00 | 0e 00 | 09 00 00 00 | 00 00 00 00
+         05 00 00 00 73 65 72 76 65",
+    );
+}
+
+#[test]
+fn record_offer_matches_documented_example() {
+    assert_golden(
+        Message::RecordOffer(RecordOffer {
+            offer_id: 1,
+            name: "smoke".into(),
+            events: vec!["sched".into()],
+            buffer_kb: None,
+            clock: None,
+        }),
+        "54 56 43 54 | 03 00 | 0f 00 | 20 00 00 00 | 00 00 00 00
+         01 00 00 00 00 00 00 00 | 05 00 00 00 73 6d 6f 6b 65
+         01 00 00 00 | 05 00 00 00 73 63 68 65 64 | 00 | 00",
+    );
+}
+
+#[test]
+fn offer_answer_matches_documented_example() {
+    assert_golden(
+        Message::OfferAnswer(OfferAnswer {
+            offer_id: 1,
+            accepted: true,
+            file: "/r/a.dat".into(),
+            text: String::new(),
+        }),
+        "54 56 43 54 | 03 00 | 10 00 | 19 00 00 00 | 00 00 00 00
+         01 00 00 00 00 00 00 00 | 01 | 08 00 00 00 2f 72 2f 61 2e 64 61 74 | 00 00 00 00",
+    );
+}
+
+#[test]
+fn record_done_matches_documented_example() {
+    assert_golden(
+        Message::RecordDone(RecordDone {
+            offer_id: 1,
+            file: "/r/a.dat".into(),
+            events: 100,
+            lost: 0,
+            bytes: 4096,
+            complete: true,
+            text: String::new(),
+        }),
+        "54 56 43 54 | 03 00 | 11 00 | 31 00 00 00 | 00 00 00 00
+         01 00 00 00 00 00 00 00 | 08 00 00 00 2f 72 2f 61 2e 64 61 74
+         64 00 00 00 00 00 00 00 | 00 00 00 00 00 00 00 00 | 00 10 00 00 00 00 00 00
+         01 | 00 00 00 00",
+    );
+}
+
+#[test]
+fn version_3_kinds_in_a_version_2_frame_are_unknown() {
+    // An agent never sends these to a host that negotiated version 2; if one did, the old
+    // host would answer Error{UnknownKind} and go on (§5), never misread them.
+    for msg in [
+        Message::ServeReady(ServeReady { host: "x".into() }),
+        Message::RecordOffer(RecordOffer {
+            offer_id: 1,
+            name: String::new(),
+            events: vec![],
+            buffer_kb: None,
+            clock: None,
+        }),
+    ] {
+        let mut frame = msg.encode_frame(3).unwrap();
+        frame[4] = 2; // header version 2
+        let mut dec = FrameDecoder::new();
+        dec.push(&frame);
+        let err = dec.next_message().unwrap_err();
+        assert!(matches!(err, ProtoError::UnknownKind { .. }), "{err}");
+        assert!(!err.is_fatal());
+        assert_eq!(err.reply_code(), Some(ErrorCode::UnknownKind));
+    }
 }

@@ -33,6 +33,14 @@ pub enum MessageKind {
     SyncProbe = 12,
     /// Version 2.
     SyncReply = 13,
+    /// Version 3.
+    ServeReady = 14,
+    /// Version 3.
+    RecordOffer = 15,
+    /// Version 3.
+    OfferAnswer = 16,
+    /// Version 3.
+    RecordDone = 17,
 }
 
 impl MessageKind {
@@ -47,6 +55,7 @@ impl MessageKind {
     pub fn since(self) -> u16 {
         match self {
             Self::SyncProbe | Self::SyncReply => 2,
+            Self::ServeReady | Self::RecordOffer | Self::OfferAnswer | Self::RecordDone => 3,
             _ => 1,
         }
     }
@@ -71,6 +80,10 @@ impl TryFrom<u16> for MessageKind {
             11 => Self::Close,
             12 => Self::SyncProbe,
             13 => Self::SyncReply,
+            14 => Self::ServeReady,
+            15 => Self::RecordOffer,
+            16 => Self::OfferAnswer,
+            17 => Self::RecordDone,
             _ => return Err(ProtoError::UnknownKind { kind }),
         })
     }
@@ -319,6 +332,8 @@ pub enum StopReason {
     AgentError = 3,
     /// The control connection dropped or a new `Hello` arrived.
     HostGone = 4,
+    /// Version 3: the guest's `tvctl-agent record` ended the recording it offered.
+    GuestRequest = 5,
 }
 
 impl TryFrom<u8> for StopReason {
@@ -330,6 +345,7 @@ impl TryFrom<u8> for StopReason {
             2 => Self::CommandExited,
             3 => Self::AgentError,
             4 => Self::HostGone,
+            5 => Self::GuestRequest,
             _ => {
                 return Err(ProtoError::BadField {
                     what: "stopped.reason",
@@ -436,6 +452,8 @@ pub enum ErrorCode {
     Internal,
     NotRecording,
     BadRequest,
+    /// Version 3, agent → its local client: no host that takes guest recordings is connected.
+    NoServe,
     /// A code this side does not know.
     Other(u32),
 }
@@ -455,6 +473,7 @@ impl From<u32> for ErrorCode {
             10 => Self::Internal,
             11 => Self::NotRecording,
             12 => Self::BadRequest,
+            13 => Self::NoServe,
             other => Self::Other(other),
         }
     }
@@ -475,6 +494,7 @@ impl From<ErrorCode> for u32 {
             ErrorCode::Internal => 10,
             ErrorCode::NotRecording => 11,
             ErrorCode::BadRequest => 12,
+            ErrorCode::NoServe => 13,
             ErrorCode::Other(code) => code,
         }
     }
@@ -591,6 +611,136 @@ impl SyncReply {
     }
 }
 
+/// Host → agent (version 3): this session's host is `tvctl serve`, which takes recordings
+/// the guest starts (`RecordOffer`). Sent once, right after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeReady {
+    /// Who serves, for messages in the guest: `tvctl serve 0.1.0 (pid 1234)`.
+    pub host: String,
+}
+
+/// Agent → host (version 3): a user in the guest asks for a recording (`tvctl-agent record`).
+/// The same message goes from `tvctl-agent record` to the agent over its local socket, with
+/// `offer_id` 0; the agent numbers the offers it forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordOffer {
+    pub offer_id: u64,
+    /// The name the user gave (`-o`); the host sanitises it into its file name.
+    pub name: String,
+    pub events: Vec<String>,
+    pub buffer_kb: Option<u32>,
+    pub clock: Option<String>,
+}
+
+impl RecordOffer {
+    fn encode(&self, e: &mut Encoder) -> Result<(), ProtoError> {
+        e.u64(self.offer_id);
+        e.str("record_offer.name", &self.name, MAX_NAME)?;
+        e.list(
+            "record_offer.events",
+            &self.events,
+            MAX_EVENTS_PER_REQUEST,
+            |e, s| e.str("record_offer.events[]", s, MAX_NAME),
+        )?;
+        e.option(self.buffer_kb.as_ref(), |e, &kb| {
+            e.u32(kb);
+            Ok(())
+        })?;
+        e.option(self.clock.as_deref(), |e, s| {
+            e.str("record_offer.clock", s, MAX_NAME)
+        })
+    }
+
+    fn decode(d: &mut Decoder) -> Result<Self, ProtoError> {
+        Ok(Self {
+            offer_id: d.u64("record_offer.offer_id")?,
+            name: d.string("record_offer.name", MAX_NAME)?,
+            events: d.list(
+                "record_offer.events",
+                MAX_EVENTS_PER_REQUEST,
+                MIN_STRING,
+                |d| d.string("record_offer.events[]", MAX_NAME),
+            )?,
+            buffer_kb: d.option("record_offer.buffer_kb", |d| d.u32("record_offer.buffer_kb"))?,
+            clock: d.option("record_offer.clock", |d| {
+                d.string("record_offer.clock", MAX_NAME)
+            })?,
+        })
+    }
+}
+
+/// Host → agent (version 3), relayed to the local client: the host takes the offer (and
+/// sends `RecordRequest` next) or refuses it (`text` says why and what to do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferAnswer {
+    pub offer_id: u64,
+    pub accepted: bool,
+    /// The host file the recording will be written to (for display only); empty if refused.
+    pub file: String,
+    pub text: String,
+}
+
+impl OfferAnswer {
+    fn encode(&self, e: &mut Encoder) -> Result<(), ProtoError> {
+        e.u64(self.offer_id);
+        e.bool(self.accepted);
+        e.str("offer_answer.file", &self.file, MAX_TEXT)?;
+        e.str("offer_answer.text", &self.text, MAX_TEXT)
+    }
+
+    fn decode(d: &mut Decoder) -> Result<Self, ProtoError> {
+        Ok(Self {
+            offer_id: d.u64("offer_answer.offer_id")?,
+            accepted: d.bool("offer_answer.accepted")?,
+            file: d.string("offer_answer.file", MAX_TEXT)?,
+            text: d.string("offer_answer.text", MAX_TEXT)?,
+        })
+    }
+}
+
+/// Host → agent (version 3), relayed to the local client: the offered recording's file is
+/// written (or could not be). The last message about an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordDone {
+    pub offer_id: u64,
+    /// The host file (empty when none was written).
+    pub file: String,
+    /// Events in the file, as `trace-cmd report` counts them.
+    pub events: u64,
+    /// Events the ring buffers lost.
+    pub lost: u64,
+    /// Bytes of trace data in the file.
+    pub bytes: u64,
+    /// Every stream arrived whole and the guest broke no rule.
+    pub complete: bool,
+    /// Why it stopped and anything the user should know.
+    pub text: String,
+}
+
+impl RecordDone {
+    fn encode(&self, e: &mut Encoder) -> Result<(), ProtoError> {
+        e.u64(self.offer_id);
+        e.str("record_done.file", &self.file, MAX_TEXT)?;
+        e.u64(self.events);
+        e.u64(self.lost);
+        e.u64(self.bytes);
+        e.bool(self.complete);
+        e.str("record_done.text", &self.text, MAX_TEXT)
+    }
+
+    fn decode(d: &mut Decoder) -> Result<Self, ProtoError> {
+        Ok(Self {
+            offer_id: d.u64("record_done.offer_id")?,
+            file: d.string("record_done.file", MAX_TEXT)?,
+            events: d.u64("record_done.events")?,
+            lost: d.u64("record_done.lost")?,
+            bytes: d.u64("record_done.bytes")?,
+            complete: d.bool("record_done.complete")?,
+            text: d.string("record_done.text", MAX_TEXT)?,
+        })
+    }
+}
+
 /// Any control message. `Stop` and `Close` carry no fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -607,6 +757,10 @@ pub enum Message {
     Close,
     SyncProbe(SyncProbe),
     SyncReply(SyncReply),
+    ServeReady(ServeReady),
+    RecordOffer(RecordOffer),
+    OfferAnswer(OfferAnswer),
+    RecordDone(RecordDone),
 }
 
 impl Message {
@@ -625,6 +779,10 @@ impl Message {
             Self::Close => MessageKind::Close,
             Self::SyncProbe(_) => MessageKind::SyncProbe,
             Self::SyncReply(_) => MessageKind::SyncReply,
+            Self::ServeReady(_) => MessageKind::ServeReady,
+            Self::RecordOffer(_) => MessageKind::RecordOffer,
+            Self::OfferAnswer(_) => MessageKind::OfferAnswer,
+            Self::RecordDone(_) => MessageKind::RecordDone,
         }
     }
 
@@ -643,6 +801,10 @@ impl Message {
             Self::Pong(m) => m.encode(&mut e)?,
             Self::SyncProbe(m) => e.u64(m.nonce),
             Self::SyncReply(m) => m.encode(&mut e)?,
+            Self::ServeReady(m) => e.str("serve_ready.host", &m.host, MAX_NAME)?,
+            Self::RecordOffer(m) => m.encode(&mut e)?,
+            Self::OfferAnswer(m) => m.encode(&mut e)?,
+            Self::RecordDone(m) => m.encode(&mut e)?,
             Self::Stop | Self::Close => {}
         }
         Ok(e.into_bytes())
@@ -689,6 +851,12 @@ impl Message {
                 nonce: d.u64("sync_probe.nonce")?,
             }),
             MessageKind::SyncReply => Self::SyncReply(SyncReply::decode(&mut d)?),
+            MessageKind::ServeReady => Self::ServeReady(ServeReady {
+                host: d.string("serve_ready.host", MAX_NAME)?,
+            }),
+            MessageKind::RecordOffer => Self::RecordOffer(RecordOffer::decode(&mut d)?),
+            MessageKind::OfferAnswer => Self::OfferAnswer(OfferAnswer::decode(&mut d)?),
+            MessageKind::RecordDone => Self::RecordDone(RecordDone::decode(&mut d)?),
         };
         d.finish(kind)?;
         Ok(msg)
@@ -717,4 +885,8 @@ impl_from_struct! {
     Pong => Pong,
     SyncProbe => SyncProbe,
     SyncReply => SyncReply,
+    ServeReady => ServeReady,
+    RecordOffer => RecordOffer,
+    OfferAnswer => OfferAnswer,
+    RecordDone => RecordDone,
 }

@@ -43,8 +43,9 @@ pub use frame::{
 };
 pub use marker::{StreamMarker, MARKER_MAGIC};
 pub use message::{
-    CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, MessageKind, Metadata, Ping,
-    Pong, RecordRequest, Started, StopReason, Stopped, SyncProbe, SyncReply,
+    CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, MessageKind, Metadata,
+    OfferAnswer, Ping, Pong, RecordDone, RecordOffer, RecordRequest, ServeReady, Started,
+    StopReason, Stopped, SyncProbe, SyncReply,
 };
 pub use metadata::{
     split_metadata, validate_name, MetadataAssembler, MetadataChunks, MetadataError,
