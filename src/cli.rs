@@ -64,6 +64,17 @@ pub enum Command {
     Status(StatusArgs),
     /// Record guest events into a trace.dat (boots the domain if it is off)
     Trace(TraceArgs),
+    /// Serve every set-up domain: users in guests record with `tvctl-agent record`
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Most bytes of recordings kept per domain (in <dir>/<domain>/recordings), e.g. 500M,
+    /// 2G: a guest's request is refused once they take this much, and a running recording
+    /// stops there with a complete file [default: no limit]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -287,7 +298,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             let hv = Hypervisor::connect(&config.uri)?;
             let _lock = (!args.dry_run)
-                .then(|| lock_domain(&hv, &config.dir, &args.domain))
+                .then(|| lock_domain(&hv, &config.dir, &args.domain, "setup"))
                 .transpose()?;
             let options = SetupOptions {
                 dry_run: args.dry_run,
@@ -304,7 +315,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             let hv = Hypervisor::connect(&config.uri)?;
             let _lock = (!args.dry_run)
-                .then(|| lock_domain(&hv, &config.dir, &args.domain))
+                .then(|| lock_domain(&hv, &config.dir, &args.domain, "teardown"))
                 .transpose()?;
             let options = TeardownOptions {
                 dry_run: args.dry_run,
@@ -315,9 +326,37 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             let hv = Hypervisor::connect(&config.uri)?;
-            let report = setup::status(&hv, &config.dir, args.domain.as_deref())?;
+            let mut report = setup::status(&hv, &config.dir, args.domain.as_deref())?;
+            if let Some(serve) = crate::serve::socket::status(&config.dir) {
+                for d in &mut report.domains {
+                    let served = serve.domains.iter().find(|s| s.domain == d.domain);
+                    d.serve = Some(match served {
+                        Some(s) => setup::ServeInfo {
+                            state: s.state.clone(),
+                            detail: s.detail.clone(),
+                        },
+                        None => setup::ServeInfo {
+                            state: "not-served".into(),
+                            detail: format!(
+                                "tvctl serve (pid {}) serves running, set-up domains only",
+                                serve.pid.unwrap_or(0)
+                            ),
+                        },
+                    });
+                }
+            }
             emit(&config, &report, print_status)?;
             Ok(report.exit_code())
+        }
+        Command::Serve(args) => {
+            setup::require_root("serve")?;
+            let options = crate::serve::ServeOptions {
+                uri: config.uri.clone(),
+                dir: config.dir.clone(),
+                max_bytes: args.max_bytes,
+                json: config.json,
+            };
+            Ok(crate::serve::run(&options)?)
         }
         Command::Trace(args) => {
             let mut options = args.validate()?;
@@ -328,9 +367,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 doms.push(hv.lookup(spec)?);
             }
             // Before anything is checked or opened: a second trace must not touch the FIFOs.
+            // A domain `tvctl serve` holds is borrowed from it for the run.
             let mut locks = Vec::new();
             for dom in &doms {
-                locks.push(crate::lock::DomainLock::acquire(&config.dir, &dom.name())?);
+                locks.push(crate::lock::DomainHold::acquire(
+                    &config.dir,
+                    &dom.name(),
+                    "trace",
+                )?);
             }
             let mut dirs = Vec::new();
             for dom in &doms {
@@ -384,11 +428,16 @@ fn lock_domain(
     hv: &Hypervisor,
     root: &std::path::Path,
     spec: &str,
-) -> anyhow::Result<Option<crate::lock::DomainLock>> {
+    what: &str,
+) -> anyhow::Result<Option<crate::lock::DomainHold>> {
     let Ok(dom) = hv.lookup(spec) else {
         return Ok(None);
     };
-    Ok(Some(crate::lock::DomainLock::acquire(root, &dom.name())?))
+    Ok(Some(crate::lock::DomainHold::acquire(
+        root,
+        &dom.name(),
+        what,
+    )?))
 }
 
 /// Prints `report` as JSON or, unless quiet, for people.
@@ -439,6 +488,9 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
         }
         if let Some(e) = cause.downcast_ref::<crate::lock::LockError>() {
             return crate::lock::DomainLock::exit_code(e);
+        }
+        if let Some(e) = cause.downcast_ref::<crate::serve::ServeError>() {
+            return e.exit_code();
         }
         if cause.downcast_ref::<UsageError>().is_some() {
             return ExitCode::Usage;
@@ -616,6 +668,10 @@ fn print_domain_status(d: &DomainStatus) -> String {
         d.state.replace('_', " "),
         d.channels.cpus,
     );
+    match &d.serve {
+        Some(s) => out.push_str(&format!("  tvctl serve: {} ({})\n", s.state, s.detail)),
+        None => out.push_str("  tvctl serve: not running\n"),
+    }
     for problem in &d.problems {
         out.push_str(&format!("  problem: {}\n", problem.message));
     }

@@ -241,6 +241,16 @@ impl ControlChannel {
     }
 }
 
+/// What tvctl says it is in its `Hello` (the agent names it in messages to guest users):
+/// `tvctl 0.1.0 trace (pid 1234)`.
+pub fn host_software(role: &str) -> String {
+    format!(
+        "tvctl {} {role} (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    )
+}
+
 /// A random u64 for nonces (no RNG crate needed: the kernel's).
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];

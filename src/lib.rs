@@ -16,6 +16,7 @@
 //! - `trace` (host): `tvctl trace`: boot, record, write trace.dat, summarise.
 //! - `tsync` (host): clock sync: probe or kvm measurements → per-CPU TIME_SHIFT samples, bounded.
 //! - `collect` (host): host side of a recording: per-CPU stream readers, progress.
+//! - `serve` (host): `tvctl serve`: a daemon that serves every set-up domain's guest recordings.
 //! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
 //! - `cli` (host): the command line (clap) and the human and JSON output.
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
@@ -40,6 +41,8 @@ pub mod exitcode;
 pub mod libvirt;
 #[cfg(feature = "host")]
 pub mod lock;
+#[cfg(feature = "host")]
+pub mod serve;
 #[cfg(feature = "host")]
 pub mod setup;
 #[cfg(feature = "host")]

@@ -25,6 +25,9 @@ pub enum LockError {
         /// "tracing", "setting up", … from the holder's command line.
         what: String,
     },
+    /// `tvctl serve` holds the domain and would not lend it (a guest recording runs).
+    #[error("{domain} is busy: {text}")]
+    ServeRefused { domain: String, text: String },
     #[error("cannot lock {path}: {source}")]
     Io {
         path: PathBuf,
@@ -101,7 +104,7 @@ impl DomainLock {
     pub fn exit_code(err: &LockError) -> crate::exitcode::ExitCode {
         use crate::exitcode::ExitCode;
         match err {
-            LockError::Held { .. } => ExitCode::Busy,
+            LockError::Held { .. } | LockError::ServeRefused { .. } => ExitCode::Busy,
             LockError::Io { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -114,6 +117,42 @@ impl DomainLock {
     /// The folder that is locked.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A domain held for one command: its lock and, when `tvctl serve` held it, the loan that
+/// serve takes back when this is dropped (after the lock: fields drop in order).
+#[derive(Debug)]
+pub struct DomainHold {
+    pub lock: DomainLock,
+    _loan: Option<crate::serve::socket::Loan>,
+}
+
+impl DomainHold {
+    /// Locks `<root>/<domain>` as [`DomainLock::acquire`]; when `tvctl serve` holds it, asks
+    /// serve to lend it (`what`: "tracing", …) and locks it then.
+    pub fn acquire(root: &Path, domain: &str, what: &str) -> Result<DomainHold, LockError> {
+        match DomainLock::acquire(root, domain) {
+            Ok(lock) => Ok(DomainHold { lock, _loan: None }),
+            Err(LockError::Held { what: held, .. }) if held == "serving" => {
+                let loan = crate::serve::socket::borrow(root, domain, what).map_err(|text| {
+                    LockError::ServeRefused {
+                        domain: domain.to_string(),
+                        text,
+                    }
+                })?;
+                // Serve drops its lock before it answers; a moment of grace for the kernel.
+                let start = Instant::now();
+                loop {
+                    match DomainLock::acquire(root, domain) {
+                        Ok(lock) => return Ok(DomainHold { lock, _loan: loan }),
+                        Err(e) if start.elapsed() > Duration::from_secs(3) => return Err(e),
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -31,6 +31,7 @@ fn config(
         connect_timeout: Duration::from_secs(30),
         reply_timeout: Duration::from_secs(60),
         budget: None,
+        keep_channel: false,
     };
     (cfg, data)
 }

@@ -189,31 +189,7 @@ struct Restarter;
 
 impl Restarter {
     fn start_daemons(&self) {
-        // As scripts/install-deps.sh: (re)start inside the loop, since a daemon that was just
-        // killed still looks "running" for a moment.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let answers = Command::new("virsh")
-                .args(["-c", URI, "version"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if answers {
-                return;
-            }
-            for daemon in ["virtlogd", "libvirtd"] {
-                let running = Command::new("pgrep")
-                    .args(["-x", daemon])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if !running {
-                    let _ = Command::new(daemon).arg("-d").status();
-                }
-            }
-            if Instant::now() > deadline {
-                panic!("libvirtd did not answer on {URI} within 30 s after the restart: run `libvirtd -d`");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        common::start_libvirt_daemons();
     }
 }
 

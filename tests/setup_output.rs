@@ -13,7 +13,7 @@ use tvctl::cli::{print_change, print_status, Verbosity};
 use tvctl::domxml::unified_diff;
 use tvctl::setup::{
     ChangeReport, ChannelChanges, ChannelStatus, DomainStatus, FileChanges, FilesStatus,
-    GroupReport, LiveChanges, Problem, ProblemKind, StatusReport,
+    GroupReport, LiveChanges, Problem, ProblemKind, ServeInfo, StatusReport,
 };
 
 const FOLDER: &str = "/var/lib/tvctl/web1";
@@ -113,6 +113,10 @@ fn status_report() -> StatusReport {
         },
         control_socket: true,
         problems: vec![],
+        serve: Some(ServeInfo {
+            state: "connected".into(),
+            detail: "tvctl-agent 0.1.0, protocol 3".into(),
+        }),
     };
     let grown = DomainStatus {
         domain: "web2".into(),
@@ -140,6 +144,7 @@ fn status_report() -> StatusReport {
             kind: ProblemKind::NotSetUp,
             message: "run `tvctl setup web2`".into(),
         }],
+        serve: None,
     };
     StatusReport {
         command: "status",

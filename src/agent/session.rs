@@ -19,9 +19,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::proto::{
     negotiate, split_metadata, ErrorCode, ErrorMessage, FrameDecoder, Hello, HelloReply, Message,
-    Pong, StopReason, SyncReply, PROTOCOL_VERSION,
+    Pong, RecordOffer, StopReason, SyncReply, PROTOCOL_VERSION,
 };
 
+use super::local::{Client, ClientInput, LocalSocket, OFFER_ANSWER_TIMEOUT, REQUEST_TIMEOUT};
 use super::ports::PortMap;
 use super::recording::{Finished, Leftover, Recording, INSTANCE_PREFIX};
 use super::report::online_cpus;
@@ -50,6 +51,17 @@ pub fn run(opts: &AgentOptions) -> io::Result<()> {
             Err(e) => log(&format!("cannot remove stale instance {stale}: {e}")),
         }
     }
+    // Recordings started in the guest (`tvctl-agent record`) come through this socket.
+    let local = match LocalSocket::bind(&super::local::socket_path()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log(&format!(
+                "no local socket, so no `tvctl-agent record` in this guest: {e}"
+            ));
+            None
+        }
+    };
+    let mut local = local;
     let mut waited = Duration::ZERO;
     loop {
         let ports = PortMap::system();
@@ -80,8 +92,16 @@ pub fn run(opts: &AgentOptions) -> io::Result<()> {
             version: None,
             recording: None,
             leftovers: Vec::new(),
+            host_software: String::new(),
+            serve: None,
+            local: local.take(),
+            pending_client: None,
+            offer: None,
+            next_offer_id: 1,
         };
-        agent.serve()?;
+        let result = agent.serve();
+        local = agent.local.take();
+        result?;
     }
 }
 
@@ -101,6 +121,40 @@ struct Agent {
     /// What earlier stops could not finish in time (a pump still running, an instance the
     /// kernel would not remove yet); looked at on every tick, never waited for.
     leftovers: Vec<Leftover>,
+    /// The connected host's `Hello.software`, for messages naming it.
+    host_software: String,
+    /// Set by `ServeReady`: the host takes recordings the guest starts.
+    serve: Option<String>,
+    local: Option<LocalSocket>,
+    /// A local client that connected but has not sent its offer yet.
+    pending_client: Option<Client>,
+    /// The recording a local client asked for, from offer to `RecordDone`.
+    offer: Option<Offer>,
+    next_offer_id: u64,
+}
+
+/// A guest-started recording in progress (docs/protocol.md §4.12).
+struct Offer {
+    id: u64,
+    phase: OfferPhase,
+    /// None once the client went away: the recording is then stopped, the file still written.
+    client: Option<Client>,
+    /// When the host must have answered (Offered) or sent its request (Accepted).
+    deadline: Instant,
+    /// The client asked to stop before the recording started.
+    stop_wanted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OfferPhase {
+    /// Sent to the host; waiting for `OfferAnswer`.
+    Offered,
+    /// Accepted; waiting for the host's `RecordRequest`.
+    Accepted,
+    /// The recording runs.
+    Recording,
+    /// Stopped; waiting for `RecordDone`.
+    Finishing,
 }
 
 enum Input {
@@ -114,6 +168,7 @@ impl Agent {
         let mut host_here = false;
         loop {
             self.leftovers.retain_mut(|l| !l.try_finish());
+            self.tend_local();
             match self.read_input()? {
                 Input::HostGone => {
                     if host_here {
@@ -228,13 +283,21 @@ impl Agent {
                         ));
                         let files = rec.static_metadata();
                         self.recording = Some(rec);
+                        let copy = started.clone();
                         if self.send(&Message::Started(started)) {
                             self.send_metadata(&files);
                         }
+                        self.offer_started(copy);
                     }
                     Err(refusal) => {
                         log(&format!("refused: {}", refusal.text));
                         self.send_error(refusal.code, &refusal.text);
+                        // The guest's own request (an unknown event, say): its user is told.
+                        if let Some(mut offer) = self.offer.take() {
+                            if let Some(c) = offer.client.as_mut() {
+                                c.send_error(refusal.code, &refusal.text);
+                            }
+                        }
                     }
                 }
             }
@@ -243,6 +306,49 @@ impl Agent {
                     self.send_error(ErrorCode::NotRecording, "no recording to stop");
                 } else {
                     self.stop_and_report(StopReason::HostRequest);
+                }
+            }
+            Message::ServeReady(r) => {
+                log(&format!(
+                    "the host takes recordings started here ({})",
+                    r.host
+                ));
+                self.serve = Some(r.host);
+            }
+            Message::OfferAnswer(a) => {
+                let Some(offer) = self.offer.as_mut().filter(|o| o.id == a.offer_id) else {
+                    return; // an offer that ended already
+                };
+                if offer.phase != OfferPhase::Offered {
+                    return;
+                }
+                if let Some(c) = offer.client.as_mut() {
+                    c.send(&Message::OfferAnswer(a.clone()));
+                }
+                if a.accepted {
+                    offer.phase = OfferPhase::Accepted;
+                    offer.deadline = Instant::now() + REQUEST_TIMEOUT;
+                } else {
+                    log(&format!(
+                        "the host refused recording offer {}: {}",
+                        a.offer_id, a.text
+                    ));
+                    self.offer = None;
+                }
+            }
+            Message::RecordDone(d) => {
+                if let Some(mut offer) = self.offer.take() {
+                    if offer.id != d.offer_id {
+                        self.offer = Some(offer);
+                        return;
+                    }
+                    log(&format!(
+                        "recording offer {} written to {}",
+                        d.offer_id, d.file
+                    ));
+                    if let Some(c) = offer.client.as_mut() {
+                        c.send(&Message::RecordDone(d));
+                    }
                 }
             }
             Message::SyncProbe(p) => {
@@ -299,6 +405,8 @@ impl Agent {
             return;
         };
         self.version = Some(version);
+        self.host_software = h.software.clone();
+        self.serve = None;
         let ports = PortMap::system();
         self.ports = ports;
         let reply = HelloReply {
@@ -339,6 +447,11 @@ impl Agent {
         let Some(rec) = self.recording.take() else {
             return;
         };
+        if let Some(offer) = self.offer.as_mut() {
+            if offer.phase == OfferPhase::Recording {
+                offer.phase = OfferPhase::Finishing;
+            }
+        }
         let finished = self.finish(rec, reason);
         if !self.send_metadata(&finished.metadata) {
             return;
@@ -396,7 +509,17 @@ impl Agent {
             ));
         }
         self.version = None;
+        self.serve = None;
         self.decoder = FrameDecoder::new();
+        if let Some(mut offer) = self.offer.take() {
+            if let Some(c) = offer.client.as_mut() {
+                c.send_error(
+                    ErrorCode::NoServe,
+                    "the host went away before writing the recording (tvctl serve stopped, or the \
+                     domain's channel was handed to another tvctl); nothing was saved",
+                );
+            }
+        }
     }
 
     fn send_error(&mut self, code: ErrorCode, text: &str) {
@@ -456,6 +579,182 @@ impl Agent {
             .and_then(|t| current_clock(&String::from_utf8_lossy(&t)))
             .unwrap_or_default();
         read_clock(&clock)
+    }
+}
+
+impl Agent {
+    /// One tick of the local socket: new clients, their requests, and offer deadlines.
+    fn tend_local(&mut self) {
+        if let Some(client) = self.local.as_ref().and_then(LocalSocket::accept) {
+            if self.pending_client.is_some() || self.offer.is_some() {
+                let mut client = client;
+                let holder = self
+                    .offer
+                    .as_ref()
+                    .and_then(|o| o.client.as_ref())
+                    .or(self.pending_client.as_ref())
+                    .and_then(|c| c.pid)
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default();
+                client.send_error(
+                    ErrorCode::Busy,
+                    &format!("another tvctl-agent record{holder} is running in this guest; wait for it to end"),
+                );
+            } else {
+                self.pending_client = Some(client);
+            }
+        }
+        if let Some(mut client) = self.pending_client.take() {
+            match client.read() {
+                ClientInput::Nothing if Instant::now() < client.offer_deadline => {
+                    self.pending_client = Some(client);
+                }
+                ClientInput::Nothing | ClientInput::Gone => {}
+                ClientInput::Message(Message::RecordOffer(offer)) => self.offer(client, offer),
+                ClientInput::Message(other) => {
+                    client.send_error(
+                        ErrorCode::BadRequest,
+                        &format!("expected RecordOffer, got {:?}", other.kind()),
+                    );
+                }
+            }
+        }
+        self.tend_offer();
+    }
+
+    /// A client's offer: refused here when no host can take it, else forwarded.
+    fn offer(&mut self, mut client: Client, mut offer: RecordOffer) {
+        let refusal = match (&self.version, &self.serve) {
+            (None, _) => Some((
+                ErrorCode::NoServe,
+                "no host is connected to this guest's control channel: run `tvctl serve` on the \
+                 host (and `tvctl setup` for this domain, once)"
+                    .to_string(),
+            )),
+            (Some(_), None) if self.recording.is_some() => Some((
+                ErrorCode::Busy,
+                format!(
+                    "the host's {} is recording this guest; try again when it ends",
+                    self.host_software
+                ),
+            )),
+            (Some(v), None) if *v < 3 => Some((
+                ErrorCode::NoServe,
+                format!(
+                    "the host's {} speaks protocol {v}, which cannot take recordings started in \
+                     the guest: update tvctl on the host and run `tvctl serve`",
+                    self.host_software
+                ),
+            )),
+            (Some(_), None) => Some((
+                ErrorCode::NoServe,
+                format!(
+                    "the host is connected with {}, which does not take recordings started in the \
+                     guest: run `tvctl serve` on the host",
+                    self.host_software
+                ),
+            )),
+            (Some(_), Some(_)) if self.recording.is_some() => Some((
+                ErrorCode::Busy,
+                "a recording is already running in this guest; try again when it ends".to_string(),
+            )),
+            (Some(_), Some(_)) => None,
+        };
+        if let Some((code, text)) = refusal {
+            log(&format!("refused a local recording: {text}"));
+            client.send_error(code, &text);
+            return;
+        }
+        offer.offer_id = self.next_offer_id;
+        self.next_offer_id += 1;
+        log(&format!(
+            "offering recording {} ('{}', {}) to the host",
+            offer.offer_id,
+            offer.name,
+            offer.events.join(",")
+        ));
+        let id = offer.offer_id;
+        if !self.send(&Message::RecordOffer(offer)) {
+            client.send_error(ErrorCode::NoServe, "the host stopped reading its channel");
+            return;
+        }
+        self.offer = Some(Offer {
+            id,
+            phase: OfferPhase::Offered,
+            client: Some(client),
+            deadline: Instant::now() + OFFER_ANSWER_TIMEOUT,
+            stop_wanted: false,
+        });
+    }
+
+    /// The offer's client and deadlines.
+    fn tend_offer(&mut self) {
+        let Some(offer) = self.offer.as_mut() else {
+            return;
+        };
+        let mut stop = false;
+        if let Some(client) = offer.client.as_mut() {
+            match client.read() {
+                ClientInput::Nothing => {}
+                ClientInput::Message(Message::Stop) => {
+                    offer.stop_wanted = true;
+                    stop = offer.phase == OfferPhase::Recording;
+                }
+                ClientInput::Message(other) => {
+                    client.send_error(
+                        ErrorCode::BadRequest,
+                        &format!("expected Stop, got {:?}", other.kind()),
+                    );
+                }
+                ClientInput::Gone => {
+                    log(&format!(
+                        "the client of recording offer {} went away",
+                        offer.id
+                    ));
+                    offer.client = None;
+                    offer.stop_wanted = true;
+                    stop = offer.phase == OfferPhase::Recording;
+                }
+            }
+        }
+        let waiting = matches!(offer.phase, OfferPhase::Offered | OfferPhase::Accepted);
+        if waiting && Instant::now() > offer.deadline {
+            let what = if offer.phase == OfferPhase::Offered {
+                "did not answer the recording offer"
+            } else {
+                "accepted the recording offer but did not start it"
+            };
+            let text = format!("the host ({}) {what} in time", self.host_software);
+            log(&text);
+            if let Some(c) = offer.client.as_mut() {
+                c.send_error(ErrorCode::Internal, &text);
+            }
+            self.offer = None;
+            return;
+        }
+        if stop && self.recording.is_some() {
+            log("stopping the recording the guest asked for");
+            self.stop_and_report(StopReason::GuestRequest);
+        }
+    }
+
+    /// A recording started: if it is the accepted offer's, tell the client (or stop at once
+    /// when the client is gone or already asked to stop).
+    fn offer_started(&mut self, started: crate::proto::Started) {
+        let Some(offer) = self.offer.as_mut() else {
+            return;
+        };
+        if offer.phase != OfferPhase::Accepted {
+            return;
+        }
+        offer.phase = OfferPhase::Recording;
+        let delivered = offer
+            .client
+            .as_mut()
+            .is_some_and(|c| c.send(&Message::Started(started)));
+        if !delivered || offer.stop_wanted {
+            self.stop_and_report(StopReason::GuestRequest);
+        }
     }
 }
 

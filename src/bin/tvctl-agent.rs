@@ -1,8 +1,10 @@
 //! tvctl-agent: the guest side of tvctl. Started by the guest's init; driven by the host.
 //!
-//! Usage: `tvctl-agent` runs the agent; `tvctl-agent --report` prints one `TVCTL-REPORT {json}`
-//! line (tracefs, ports) and exits; `--version` prints the version; `--copy` runs the agent with
-//! read/write instead of splice (to exercise the fallback).
+//! Usage: `tvctl-agent` runs the agent; `tvctl-agent record -e EVENT…` asks the running agent
+//! for a recording that the host's `tvctl serve` writes (docs/protocol.md §4.12);
+//! `tvctl-agent --report` prints one `TVCTL-REPORT {json}` line (tracefs, ports) and exits;
+//! `--version` prints the version; `--copy` runs the agent with read/write instead of splice
+//! (to exercise the fallback).
 
 use std::process::ExitCode;
 
@@ -11,6 +13,10 @@ fn main() -> ExitCode {
     let force_copy = match args.first().map(String::as_str) {
         None => false,
         Some("--copy") => true,
+        Some("record") => {
+            let code = tvctl::agent::record_cmd::run(&args[1..]);
+            return ExitCode::from(code as u8);
+        }
         Some("--report") => {
             println!("{}", tvctl::agent::report::report_line());
             return ExitCode::SUCCESS;
@@ -21,7 +27,7 @@ fn main() -> ExitCode {
         }
         Some(other) => {
             eprintln!(
-                "tvctl-agent: unknown argument '{other}'; usage: tvctl-agent [--copy|--report|--version]"
+                "tvctl-agent: unknown argument '{other}'; usage: tvctl-agent [--copy|--report|--version] | tvctl-agent record -e EVENT... [--duration S] [-b KB] [-C CLOCK] [-o NAME] [-- COMMAND...]"
             );
             return ExitCode::from(2);
         }

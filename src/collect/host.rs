@@ -202,6 +202,7 @@ impl HostRecorder {
             end,
             problems,
             agent_errors: Vec::new(),
+            channel: None,
         }
     }
 }

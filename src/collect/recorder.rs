@@ -57,6 +57,9 @@ pub struct RecorderConfig {
     /// `--max-size`: what is left of the bytes of trace data to keep, shared by every CPU
     /// (and, in a run of several, by every domain and the host).
     pub budget: Option<Arc<ByteBudget>>,
+    /// Hand the control channel back in [`Collected::channel`] after a finished recording
+    /// (`tvctl serve` keeps its session) instead of closing it.
+    pub keep_channel: bool,
 }
 
 /// Errors that end a recording before it started.
@@ -75,6 +78,9 @@ pub enum RecordError {
     #[error(transparent)]
     Guest(#[from] GuestError),
 }
+
+/// A recording that did not start, and the channel if it is still in session.
+pub type StartFailed = Box<(RecordError, Option<ControlChannel>)>;
 
 /// What the caller's watch says, asked every [`SLICE`] in every wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +123,9 @@ pub struct Collected {
     pub problems: GuestProblems,
     /// `Error` messages the agent sent while recording (cleaned).
     pub agent_errors: Vec<String>,
+    /// The control channel, still in session, when the config asked to keep it and the
+    /// recording finished normally.
+    pub channel: Option<ControlChannel>,
 }
 
 /// A recording in progress.
@@ -162,9 +171,28 @@ impl Recorder {
         cfg: RecorderConfig,
         watch: &mut dyn FnMut() -> Watch,
     ) -> Result<Recorder, RecordError> {
+        Self::start_with(cfg, None, watch).map_err(|failed| failed.0)
+    }
+
+    /// As [`Recorder::start`], on a channel already in session (`tvctl serve`'s). When the
+    /// recording cannot start, the channel comes back with the error if it is still usable
+    /// (the agent refused the request, say).
+    pub fn start_on(
+        chan: ControlChannel,
+        cfg: RecorderConfig,
+        watch: &mut dyn FnMut() -> Watch,
+    ) -> Result<Recorder, StartFailed> {
+        Self::start_with(cfg, Some(chan), watch)
+    }
+
+    fn start_with(
+        cfg: RecorderConfig,
+        chan: Option<ControlChannel>,
+        watch: &mut dyn FnMut() -> Watch,
+    ) -> Result<Recorder, StartFailed> {
         let cpus = fifo_cpus(&cfg.fifo_dir);
         if cpus.is_empty() {
-            return Err(RecordError::NoFifos(cfg.fifo_dir.clone()));
+            return Err(Box::new((RecordError::NoFifos(cfg.fifo_dir.clone()), chan)));
         }
         let stream_nonce = random_u64();
         let budget = cfg.budget.clone();
@@ -176,18 +204,27 @@ impl Recorder {
                 Ok(s) => streams.push(s),
                 Err(source) => {
                     cancel_all(&streams);
-                    return Err(RecordError::Fifo { path: fifo, source });
+                    return Err(Box::new((RecordError::Fifo { path: fifo, source }, chan)));
                 }
             }
         }
         let mut interrupted = || !matches!(watch(), Watch::Go | Watch::Paused);
-        let started = (|| {
-            let mut chan = ControlChannel::connect(
+        let mut chan = match chan {
+            Some(c) => c,
+            None => match ControlChannel::connect(
                 &cfg.socket,
-                concat!("tvctl ", env!("CARGO_PKG_VERSION")),
+                &crate::control::host_software("trace"),
                 cfg.connect_timeout,
                 &mut interrupted,
-            )?;
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    cancel_all(&streams);
+                    return Err(Box::new((e.into(), None)));
+                }
+            },
+        };
+        let started = (|| {
             let hello = GuestHello::check(&chan.hello)?;
             let request = Message::RecordRequest(RecordRequest {
                 events: cfg.events.clone(),
@@ -197,18 +234,23 @@ impl Recorder {
                 stream_nonce,
             });
             match chan.request(&request, cfg.reply_timeout, &mut interrupted)? {
-                Message::Started(s) => Ok((chan, hello, s)),
+                Message::Started(s) => Ok((hello, s)),
                 other => Err(RecordError::Control(ControlError::Unexpected(
                     format!("{:?}", other.kind()),
                     "Started",
                 ))),
             }
         })();
-        let (chan, hello, started) = match started {
+        let (hello, started) = match started {
             Ok(v) => v,
             Err(e) => {
                 cancel_all(&streams);
-                return Err(e);
+                for s in streams {
+                    s.join();
+                }
+                // A refusal leaves the session as it was; anything else may have broken it.
+                let usable = matches!(e, RecordError::Control(ControlError::Refused(..)));
+                return Err(Box::new((e, usable.then_some(chan))));
             }
         };
         let mut problems = GuestProblems::default();
@@ -553,11 +595,17 @@ impl Recorder {
                 ));
             }
         }
-        if end == StopEnd::Finished {
-            self.chan.close();
-        }
-        // Otherwise the socket just closes: the agent sees the host gone and cleans up.
         let (metadata, formats) = self.inbox.finish(&mut self.problems);
+        // Unless finished, the socket just closes: the agent sees the host gone and cleans up.
+        let finished = end == StopEnd::Finished;
+        let channel = if finished && self.cfg.keep_channel {
+            Some(self.chan)
+        } else {
+            if finished {
+                self.chan.close();
+            }
+            None
+        };
         Collected {
             metadata,
             formats,
@@ -566,6 +614,7 @@ impl Recorder {
             end,
             problems: self.problems,
             agent_errors: self.agent_errors,
+            channel,
         }
     }
 }

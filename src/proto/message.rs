@@ -661,7 +661,9 @@ impl RecordOffer {
                 MIN_STRING,
                 |d| d.string("record_offer.events[]", MAX_NAME),
             )?,
-            buffer_kb: d.option("record_offer.buffer_kb", |d| d.u32("record_offer.buffer_kb"))?,
+            buffer_kb: d.option("record_offer.buffer_kb", |d| {
+                d.u32("record_offer.buffer_kb")
+            })?,
             clock: d.option("record_offer.clock", |d| {
                 d.string("record_offer.clock", MAX_NAME)
             })?,

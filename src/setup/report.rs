@@ -104,6 +104,17 @@ pub struct DomainStatus {
     /// The control socket exists (libvirt creates it while the domain runs).
     pub control_socket: bool,
     pub problems: Vec<Problem>,
+    /// What `tvctl serve` does with this domain; `null` when no serve runs for this folder.
+    pub serve: Option<ServeInfo>,
+}
+
+/// One domain as `tvctl serve` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServeInfo {
+    /// `connected`, `recording`, `waiting`, `lent`, or `not-served` (not running, or not set
+    /// up under serve's folder).
+    pub state: String,
+    pub detail: String,
 }
 
 /// Our channels in the persistent configuration.

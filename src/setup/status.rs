@@ -160,6 +160,7 @@ fn domain_status(
             fifos_ok: inspected.fifos_ok,
         },
         control_socket: inspected.socket,
+        serve: None,
         problems,
     })
 }

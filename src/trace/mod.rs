@@ -281,6 +281,33 @@ pub(crate) fn signals() -> u32 {
     SIGNALS.load(Ordering::SeqCst)
 }
 
+/// What every wait of a recording asks: should it go on, and, when the control channel
+/// closes, is the domain going away? `tvctl trace` asks libvirt ([`DomainWatch`]); `tvctl
+/// serve` asks what libvirt's events told it.
+pub(crate) trait Watcher {
+    /// Asked every 100 ms in every wait.
+    fn check(&mut self) -> Watch;
+    /// After the control channel closed: whether the domain stops (within a moment).
+    fn domain_went_away(&mut self) -> bool;
+    /// From now on only signals after this moment count (the stop phase: the signal that
+    /// stopped the recording must not also abandon its drain).
+    fn rebase(&mut self);
+}
+
+impl Watcher for DomainWatch<'_> {
+    fn check(&mut self) -> Watch {
+        DomainWatch::check(self)
+    }
+
+    fn domain_went_away(&mut self) -> bool {
+        domain_went_away(self.dom)
+    }
+
+    fn rebase(&mut self) {
+        self.signals_seen = signals();
+    }
+}
+
 /// Watches the user and the domain for every wait: a signal beyond those already seen, the
 /// domain stopping or paused (asked of libvirt at most every 500 ms).
 pub(crate) struct DomainWatch<'a> {
@@ -339,9 +366,10 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     };
     progress.recording(&recording.started.cpus);
     let start = Instant::now();
-    let cause = record_until_stop(&mut rec, dom, opts.duration, &mut progress);
+    let mut watch = DomainWatch::new(dom);
+    let cause = record_until_stop(&mut rec, &mut watch, opts.duration, &mut progress);
     let elapsed = start.elapsed();
-    let (mut collected, cause) = stop_and_drain(rec, dom, cause, elapsed, &mut progress);
+    let (mut collected, cause) = stop_and_drain(rec, &mut watch, cause, elapsed, &mut progress);
     progress.finish();
     let (cpus, page_problems) =
         write_and_count(opts, &recording, &mut collected, FileLinks::default())?;
@@ -430,6 +458,7 @@ pub(crate) fn start_recording(
         connect_timeout: opts.agent_timeout,
         reply_timeout: Duration::from_secs(60),
         budget,
+        keep_channel: false,
     };
     progress.wait(&format!("waiting for tvctl-agent in {}", dom.name()));
     let mut watch = DomainWatch::new(dom);
@@ -447,14 +476,13 @@ pub(crate) fn start_recording(
 /// Waits for a reason to stop (duration, Ctrl-C, the command's end, the domain stopping, the
 /// size cap, the agent falling silent or misbehaving), pinging the agent and refreshing the
 /// live display meanwhile.
-fn record_until_stop(
+pub(crate) fn record_until_stop(
     rec: &mut Recorder,
-    dom: &Dom,
+    watch: &mut dyn Watcher,
     duration: Option<Duration>,
     progress: &mut Progress,
 ) -> StopCause {
     let start = Instant::now();
-    let mut watch = DomainWatch::new(dom);
     let mut live = LiveLoss::default();
     loop {
         match watch.check() {
@@ -483,7 +511,7 @@ fn record_until_stop(
             Ok(false) => {}
             Err(RecordError::Control(ControlError::Closed)) => {
                 // QEMU closes our end when the domain goes away.
-                return if domain_went_away(dom) {
+                return if watch.domain_went_away() {
                     StopCause::DomainStopped
                 } else {
                     StopCause::AgentLost
@@ -544,7 +572,7 @@ impl LiveLoss {
 /// final stop cause.
 pub(crate) fn stop_and_drain(
     rec: Recorder,
-    dom: &Dom,
+    watch: &mut dyn Watcher,
     cause: StopCause,
     elapsed: Duration,
     progress: &mut Progress,
@@ -574,18 +602,18 @@ pub(crate) fn stop_and_drain(
             ""
         }
     ));
-    let mut watch = DomainWatch::new(dom);
-    let mut ask = || watch.check();
-    let collected = rec.stop(Duration::from_secs(60), &mut ask);
+    watch.rebase();
+    let collected = rec.stop(Duration::from_secs(60), &mut || watch.check());
     let cause = match (&collected.end, cause) {
         (StopEnd::Watched(Watch::Abandon), _) => StopCause::Abandoned,
         (StopEnd::Watched(_), _) => StopCause::DomainStopped,
-        (StopEnd::AgentLost(_), _) if domain_went_away(dom) => StopCause::DomainStopped,
+        (StopEnd::AgentLost(_), _) if watch.domain_went_away() => StopCause::DomainStopped,
         (StopEnd::AgentLost(_), _) => StopCause::AgentLost,
         (StopEnd::Failed(_), _) => StopCause::AgentError,
         (StopEnd::GuestMisbehaved, _) => StopCause::GuestMisbehaved,
         (StopEnd::Finished, StopCause::Command) => match &collected.stopped {
             Some(s) if s.reason == StopReason::AgentError => StopCause::AgentError,
+            Some(s) if s.reason == StopReason::GuestRequest => StopCause::Guest,
             _ => StopCause::Command,
         },
         (StopEnd::Finished, c) => c,

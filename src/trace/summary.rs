@@ -29,6 +29,27 @@ pub enum StopCause {
     MaxSize,
     /// The guest broke so many rules that tvctl stopped listening.
     GuestMisbehaved,
+    /// `tvctl serve`: the user in the guest ended the recording they started
+    /// (`tvctl-agent record`: its command ended, `--duration`, or Ctrl-C).
+    Guest,
+}
+
+impl StopCause {
+    /// A few words for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopCause::Duration => "duration reached",
+            StopCause::Interrupt => "interrupted",
+            StopCause::Command => "command ended",
+            StopCause::DomainStopped => "domain stopped",
+            StopCause::Abandoned => "abandoned",
+            StopCause::AgentError => "agent error",
+            StopCause::AgentLost => "agent stopped answering",
+            StopCause::MaxSize => "--max-size reached",
+            StopCause::GuestMisbehaved => "the guest misbehaved",
+            StopCause::Guest => "stopped in the guest",
+        }
+    }
 }
 
 /// One CPU's numbers.
@@ -109,17 +130,7 @@ impl TraceSummary {
             self.total_lost_events,
             crate::collect::progress::human_bytes(self.total_bytes as f64),
             self.duration_s,
-            match self.stop_cause {
-                StopCause::Duration => "duration reached",
-                StopCause::Interrupt => "interrupted",
-                StopCause::Command => "command ended",
-                StopCause::DomainStopped => "domain stopped",
-                StopCause::Abandoned => "abandoned",
-                StopCause::AgentError => "agent error",
-                StopCause::AgentLost => "agent stopped answering",
-                StopCause::MaxSize => "--max-size reached",
-                StopCause::GuestMisbehaved => "the guest misbehaved",
-            },
+            self.stop_cause.describe(),
             self.output
         );
         for c in &self.cpus {

@@ -475,7 +475,8 @@ fn finish_guest(
     let cause = g.cause.unwrap_or(run_cause);
     let rec = g.rec.take().expect("a started guest has its recorder");
     let mut progress = Progress::new(false);
-    let (mut collected, cause) = stop_and_drain(rec, g.dom, cause, elapsed, &mut progress);
+    let mut watch = DomainWatch::new(g.dom);
+    let (mut collected, cause) = stop_and_drain(rec, &mut watch, cause, elapsed, &mut progress);
     let guest_id = crate::control::random_u64();
     let ncpus = collected
         .streams

@@ -9,6 +9,8 @@
 
 /// A paused domain whose guest agent the test plays (tests/hostile_agent.rs).
 pub mod fake_guest;
+/// A shell in the guest and `tvctl serve` as a child (tests/guest_serve.rs).
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -424,4 +426,36 @@ pub fn write_trace_file(
     let mut out = std::fs::File::create(&path).unwrap();
     let summary = tvctl::tracedat::write_trace_dat(&mut out, meta, &cpus).unwrap();
     (path, summary)
+}
+
+/// Starts virtlogd and libvirtd if they do not run, and waits (30 s at most) until libvirtd
+/// answers, as scripts/install-deps.sh does. (Re)starts inside the loop, since a daemon that
+/// was just killed still looks "running" for a moment.
+pub fn start_libvirt_daemons() {
+    use std::process::Command;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answers = Command::new("virsh")
+            .args(["-c", URI, "version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if answers {
+            return;
+        }
+        for daemon in ["virtlogd", "libvirtd"] {
+            let running = Command::new("pgrep")
+                .args(["-x", daemon])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !running {
+                let _ = Command::new(daemon).arg("-d").status();
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "libvirtd did not answer on {URI} within 30 s after the restart: run `libvirtd -d`"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
