@@ -19,7 +19,7 @@
 //! | 12 | `AgentRefused` | the guest agent refused the request (unknown event or clock, bad size) |
 //! | 13 | `GuestMisbehaved` | the guest broke the protocol or a limit; the good data is written |
 //! | 14 | `Incomplete` | a stream fell short or the agent stopped answering; the file holds what arrived |
-//! | 15 | `Busy` | another tvctl holds the domain (trace, setup or teardown) |
+//! | 15 | `Busy` | another tvctl holds the domain (trace, setup, teardown, a guest recording of serve), or serve already runs |
 //! | 130 | `Interrupted` | trace: Ctrl-C twice (once before recording); a file holds what had arrived |
 
 use std::fmt::Write as _;
@@ -105,7 +105,7 @@ impl ExitCode {
                 "trace: the recording is incomplete (a stream fell short of the agent's count, or the agent stopped answering); the file holds what arrived"
             }
             ExitCode::Busy => {
-                "another tvctl holds the domain (trace, setup or teardown): wait for it or stop it"
+                "another tvctl holds the domain (trace, setup, teardown, or a guest recording of serve), or serve already runs for --dir: wait for it or stop it"
             }
             ExitCode::Interrupted => {
                 "trace: Ctrl-C or SIGTERM twice (once before the recording started): stopped waiting; a file holds what had arrived"

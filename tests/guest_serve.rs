@@ -413,6 +413,14 @@ fn guests_record_through_serve_which_survives_restarts_lends_to_trace_and_finish
     assert_eq!(last["stop_cause"], "interrupt", "{last}");
     drop(serve);
 
+    // An old host (protocol 2, no serve) connected: the new agent refuses `record` itself,
+    // naming the host's version, and never sends it a version-3 message.
+    let old_host = OldHost::connect(&a.root.join(a.name()).join("agent-ctl-path.sock"));
+    let old = a.record("-e sched --duration 1 -o old-host");
+    assert_eq!(old.status, 4, "no serve behind an old host:\n{}", old.output);
+    assert!(old.output.contains("protocol 2"), "{}", old.output);
+    old_host.assert_no_new_kinds();
+
     // 8. --max-bytes: a running recording stops at the limit with a complete file, and the
     //    next request is refused in the guest with nothing written.
     let used: u64 = a.files().iter().map(|f| f.metadata().unwrap().len()).sum();
@@ -431,6 +439,65 @@ fn guests_record_through_serve_which_survives_restarts_lends_to_trace_and_finish
     assert_eq!(over.status, 5, "refused over --max-bytes:\n{}", over.output);
     assert!(over.output.contains("--max-bytes"), "{}", over.output);
     assert_eq!(a.files(), before, "nothing written when refused");
+}
+
+/// A host of protocol version 2 (an older tvctl), handshaken with the agent.
+struct OldHost {
+    sock: std::os::unix::net::UnixStream,
+    dec: tvctl::proto::FrameDecoder,
+}
+
+impl OldHost {
+    fn connect(socket: &Path) -> OldHost {
+        use std::io::Write;
+        use tvctl::proto::{Hello, Message};
+        let mut sock = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+        let hello = Message::Hello(Hello {
+            min_version: 1,
+            max_version: 2,
+            software: "tvctl 0.0.9 trace (pid 1)".into(),
+            nonce: 77,
+        });
+        sock.write_all(&hello.encode_frame(2).unwrap()).unwrap();
+        let mut host = OldHost {
+            sock,
+            dec: tvctl::proto::FrameDecoder::new(),
+        };
+        match host.next(Duration::from_secs(20)) {
+            Some(Message::HelloReply(r)) => assert_eq!(r.version, 2, "{r:?}"),
+            other => panic!("no HelloReply from the agent: {other:?}"),
+        }
+        host
+    }
+
+    fn next(&mut self, timeout: Duration) -> Option<tvctl::proto::Message> {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(Some((_, m))) = self.dec.next_message() {
+                return Some(m);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.sock.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    self.dec.push(&buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Nothing arrived, or only kinds of version 2 and older.
+    fn assert_no_new_kinds(mut self) {
+        while let Some(m) = self.next(Duration::from_millis(500)) {
+            assert!(m.kind().since() <= 2, "the agent sent {:?} to a version-2 host", m.kind());
+        }
+    }
 }
 
 fn restart_libvirtd() {

@@ -370,7 +370,7 @@ fn set_up_folder(hv: &Hypervisor, root: &std::path::Path, name: &str) -> Option<
         .find(|c| c.kind == crate::domxml::ChannelKind::Control)?;
     let path = PathBuf::from(control.path.as_ref()?);
     let folder = root.join(name);
-    (path.parent() == Some(folder.as_path())).then_some(folder)
+    (path.parent() == Some(folder.as_path()) && folder.is_dir()).then_some(folder)
 }
 
 /// Serves the socket: each connection on its own thread.

@@ -142,6 +142,16 @@ enum Idle {
 impl Worker {
     fn run(mut self) {
         while !self.should_end() {
+            if !self.ctx.folder.is_dir() {
+                // Torn down (by a borrower): nothing to serve until it is set up again.
+                self.ctx.log.event(
+                    "not-set-up",
+                    Some(&self.ctx.domain),
+                    json!({ "folder": self.ctx.folder }),
+                    "no longer set up (its folder is gone); not served",
+                );
+                return;
+            }
             let lock = match DomainLock::acquire(&self.ctx.root, &self.ctx.domain) {
                 Ok(l) => l,
                 Err(LockError::Held { pid, what, .. }) => {
@@ -428,7 +438,12 @@ impl Worker {
                 text,
             }));
         };
-        if let Err(e) = std::fs::create_dir_all(&folder) {
+        let made = std::fs::create_dir_all(&folder).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // Guest kernels' symbols and traces: for root only.
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700))
+        });
+        if let Err(e) = made {
             let text = format!("the host cannot create {}: {e}", folder.display());
             self.refused(&text);
             refuse(&mut chan, text);
