@@ -71,10 +71,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Most bytes of recordings kept per domain (in <dir>/<domain>/recordings), e.g. 500M,
-    /// 2G: a guest's request is refused once they take this much, and a running recording
-    /// stops there with a complete file [default: no limit]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_bytes: Option<u64>,
+    /// 20G: a guest's request is refused once they take this much, and a running recording
+    /// stops there with a complete file. Guests are not trusted with the host's disk, so
+    /// there is always a limit
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "2G")]
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -353,7 +354,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let options = crate::serve::ServeOptions {
                 uri: config.uri.clone(),
                 dir: config.dir.clone(),
-                max_bytes: args.max_bytes,
+                max_bytes: Some(args.max_bytes),
                 json: config.json,
             };
             Ok(crate::serve::run(&options)?)

@@ -202,7 +202,8 @@ impl ControlChannel {
     }
 
     /// Sends `msg` and waits for the first reply that is not a late `HelloReply` (the agent
-    /// answers every Hello it received, also those of the handshake's retries). Asks
+    /// answers every Hello it received, also those of the handshake's retries), `Pong` or
+    /// `SyncReply`. Asks
     /// `interrupted()` every 100 ms.
     pub fn request(
         &mut self,
@@ -222,7 +223,10 @@ impl ControlChannel {
             }
             match self.recv(left.min(Duration::from_millis(100))) {
                 Ok(Message::Error(e)) => return Err(ControlError::refused(e)),
-                Ok(Message::HelloReply(_)) | Err(ControlError::Timeout(_)) => continue,
+                // Late answers: to the handshake's retried Hellos, and to pings sent before
+                // this request (tvctl serve keeps an idle session alive with them).
+                Ok(Message::HelloReply(_) | Message::Pong(_) | Message::SyncReply(_))
+                | Err(ControlError::Timeout(_)) => continue,
                 Ok(other) => return Ok(other),
                 Err(e) => return Err(e),
             }

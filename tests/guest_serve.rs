@@ -417,7 +417,11 @@ fn guests_record_through_serve_which_survives_restarts_lends_to_trace_and_finish
     // naming the host's version, and never sends it a version-3 message.
     let old_host = OldHost::connect(&a.root.join(a.name()).join("agent-ctl-path.sock"));
     let old = a.record("-e sched --duration 1 -o old-host");
-    assert_eq!(old.status, 4, "no serve behind an old host:\n{}", old.output);
+    assert_eq!(
+        old.status, 4,
+        "no serve behind an old host:\n{}",
+        old.output
+    );
     assert!(old.output.contains("protocol 2"), "{}", old.output);
     old_host.assert_no_new_kinds();
 
@@ -495,7 +499,11 @@ impl OldHost {
     /// Nothing arrived, or only kinds of version 2 and older.
     fn assert_no_new_kinds(mut self) {
         while let Some(m) = self.next(Duration::from_millis(500)) {
-            assert!(m.kind().since() <= 2, "the agent sent {:?} to a version-2 host", m.kind());
+            assert!(
+                m.kind().since() <= 2,
+                "the agent sent {:?} to a version-2 host",
+                m.kind()
+            );
         }
     }
 }

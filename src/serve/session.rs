@@ -93,6 +93,7 @@ impl Session {
             cmds: rx,
             info: info.clone(),
             said_waiting: false,
+            refusals: Throttle::default(),
         };
         let thread = std::thread::Builder::new()
             .name("serve-session".into())
@@ -127,6 +128,31 @@ struct Worker {
     cmds: Receiver<Cmd>,
     info: Arc<Mutex<DomainState>>,
     said_waiting: bool,
+    /// The guest decides how often its requests are refused: at most one log line per
+    /// [`LOG_EVERY`], the rest counted.
+    refusals: Throttle,
+}
+
+/// Shortest interval between two log lines of one kind that the guest can cause at will.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One log line per [`LOG_EVERY`]; what falls in between is counted.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(n)`: log now, `n` lines having been suppressed since the last one.
+    fn admit(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// How an idle session ended.
@@ -623,12 +649,20 @@ impl Worker {
         Some(chan)
     }
 
-    fn refused(&self, text: &str) {
+    fn refused(&mut self, text: &str) {
+        let Some(suppressed) = self.refusals.admit() else {
+            return;
+        };
+        let more = if suppressed > 0 {
+            format!(" ({suppressed} more refusals since the last line)")
+        } else {
+            String::new()
+        };
         self.ctx.log.event(
             "recording-refused",
             Some(&self.ctx.domain),
-            json!({ "reason": text }),
-            &format!("refused the guest's recording: {text}"),
+            json!({ "reason": text, "suppressed": suppressed }),
+            &format!("refused the guest's recording: {text}{more}"),
         );
     }
 }
