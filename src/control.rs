@@ -202,8 +202,8 @@ impl ControlChannel {
     }
 
     /// Sends `msg` and waits for the first reply that is not a late `HelloReply` (the agent
-    /// answers every Hello it received, also those of the handshake's retries), `Pong` or
-    /// `SyncReply`. Asks
+    /// answers every Hello it received, also those of the handshake's retries), and not a
+    /// `Pong` or `SyncReply` of an earlier ping or probe. Asks
     /// `interrupted()` every 100 ms.
     pub fn request(
         &mut self,
@@ -212,6 +212,14 @@ impl ControlChannel {
         interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<Message, ControlError> {
         self.send(msg)?;
+        let ping_nonce = match msg {
+            Message::Ping(p) => Some(p.nonce),
+            _ => None,
+        };
+        let probe_nonce = match msg {
+            Message::SyncProbe(p) => Some(p.nonce),
+            _ => None,
+        };
         let deadline = Instant::now() + timeout;
         loop {
             if interrupted() {
@@ -223,10 +231,12 @@ impl ControlChannel {
             }
             match self.recv(left.min(Duration::from_millis(100))) {
                 Ok(Message::Error(e)) => return Err(ControlError::refused(e)),
-                // Late answers: to the handshake's retried Hellos, and to pings sent before
-                // this request (tvctl serve keeps an idle session alive with them).
-                Ok(Message::HelloReply(_) | Message::Pong(_) | Message::SyncReply(_))
-                | Err(ControlError::Timeout(_)) => continue,
+                // Late answers: to the handshake's retried Hellos, and to pings and probes
+                // sent before this request (tvctl serve keeps an idle session alive with
+                // pings). The answer to a Ping or SyncProbe request is the one with its nonce.
+                Ok(Message::HelloReply(_)) | Err(ControlError::Timeout(_)) => continue,
+                Ok(Message::Pong(p)) if Some(p.nonce) != ping_nonce => continue,
+                Ok(Message::SyncReply(r)) if Some(r.nonce) != probe_nonce => continue,
                 Ok(other) => return Ok(other),
                 Err(e) => return Err(e),
             }
@@ -270,5 +280,105 @@ pub fn random_u64() -> u64 {
             .unwrap_or(1)
     } else {
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Ping, Pong, RecordRequest, Started};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake agent that handshakes, then answers each request with `answers`.
+    fn agent(listener: UnixListener, answers: Vec<Vec<Message>>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut dec = FrameDecoder::new();
+            let mut buf = [0u8; 4096];
+            let mut answers = answers.into_iter();
+            loop {
+                let msg = loop {
+                    if let Ok(Some((_, m))) = dec.next_message() {
+                        break m;
+                    }
+                    let n = sock.read(&mut buf).unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    dec.push(&buf[..n]);
+                };
+                let replies = match msg {
+                    Message::Hello(h) => vec![Message::HelloReply(HelloReply {
+                        version: PROTOCOL_VERSION,
+                        nonce: h.nonce,
+                        agent_version: "t".into(),
+                        kernel_release: "k".into(),
+                        cpus: 1,
+                        page_size: 4096,
+                        trace_clocks: vec![],
+                        data_ports: vec![0],
+                    })],
+                    _ => match answers.next() {
+                        Some(r) => r,
+                        None => return,
+                    },
+                };
+                for r in replies {
+                    sock.write_all(&r.encode_frame(PROTOCOL_VERSION).unwrap())
+                        .unwrap();
+                }
+            }
+        })
+    }
+
+    fn pong(nonce: u64) -> Message {
+        Message::Pong(Pong {
+            nonce,
+            clock: "mono".into(),
+            ts: 1,
+        })
+    }
+
+    #[test]
+    fn requests_skip_late_pongs_but_a_ping_gets_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let started = Message::Started(Started {
+            instance: "i".into(),
+            events: vec![],
+            cpus: vec![0],
+            buffer_kb: 4,
+            clock: "mono".into(),
+            splice: true,
+            note: String::new(),
+        });
+        let fake = agent(
+            listener,
+            vec![vec![pong(1), started.clone()], vec![pong(2), pong(9)]],
+        );
+        let never = &mut || false;
+        let mut chan = ControlChannel::connect(&path, "t", Duration::from_secs(5), never).unwrap();
+        let request = Message::RecordRequest(RecordRequest {
+            events: vec![],
+            buffer_kb: None,
+            clock: None,
+            command: vec![],
+            stream_nonce: 1,
+        });
+        let got = chan
+            .request(&request, Duration::from_secs(5), never)
+            .unwrap();
+        assert_eq!(got, started, "a Pong of an earlier ping is not the answer");
+        let got = chan
+            .request(
+                &Message::Ping(Ping { nonce: 9 }),
+                Duration::from_secs(5),
+                never,
+            )
+            .unwrap();
+        assert_eq!(got, pong(9));
+        chan.close();
+        fake.join().unwrap();
     }
 }

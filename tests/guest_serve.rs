@@ -239,6 +239,10 @@ fn guests_record_through_serve_which_survives_restarts_lends_to_trace_and_finish
     let none = a.record("-e sched --duration 1 -o early");
     assert_eq!(none.status, 4, "exit 4 without serve:\n{}", none.output);
     assert!(none.output.contains("tvctl serve"), "{}", none.output);
+    // No agent listening (here: another socket path): exit 3, saying so.
+    let (rc, out) = a.sh("TVCTL_AGENT_SOCKET=/run/none.sock tvctl-agent record -e sched 2>&1");
+    assert_eq!(rc, 3, "exit 3 without an agent:\n{out}");
+    assert!(out.contains("tvctl-agent is not running"), "{out}");
 
     let mut serve = ServeProcess::start(&root, &[]);
     serve.wait_event("connected", Some(a.name()), 0, EVENT_TIMEOUT);
