@@ -5,6 +5,7 @@
 //! anywhere and needs no library: it is one static binary started by the guest's init.
 
 pub mod local; // the local socket `tvctl-agent record` talks to
+pub mod metacache; // static metadata read once per boot (and per set of modules)
 pub mod ports; // find virtio-serial ports by name (sysfs first, udev links as fallback)
 pub mod pump; // per-CPU trace_pipe_raw → port pumps, splice with read/write fallback
 pub mod record_cmd; // `tvctl-agent record`: a recording started in the guest, written by serve

@@ -411,41 +411,43 @@ impl Recording {
     /// `Started`, so the host can write a valid file even if the guest dies mid-recording.
     pub fn static_metadata(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
-        let mut push = |name: String, data: Result<Vec<u8>, TracefsError>| match data {
+        // Files that do not change within a boot come from the agent's cache after the
+        // first session (docs/BENCHMARKS.md: start-up cost).
+        let mut cache = super::metacache::Session::open();
+        let mut push = |name: String, read: &dyn Fn() -> Result<Vec<u8>, TracefsError>| match cache
+            .get(&name, read)
+        {
             Ok(d) => out.push((name, d)),
             Err(e) => eprintln!("tvctl-agent: metadata {name}: {e}"),
         };
-        push(
-            "events/header_page".into(),
-            self.tracefs.read("events/header_page"),
-        );
-        push(
-            "events/header_event".into(),
-            self.tracefs.read("events/header_event"),
-        );
+        for rel in ["events/header_page", "events/header_event"] {
+            push(rel.into(), &|| self.tracefs.read(rel));
+        }
         let systems: BTreeSet<&str> = self.events.iter().map(|e| e.system.as_str()).collect();
         for sys in systems {
             for e in self.events.iter().filter(|e| e.system == sys) {
                 let rel = format!("events/{}/{}/format", e.system, e.event);
-                push(rel.clone(), self.tracefs.read(&rel));
+                push(rel.clone(), &|| self.tracefs.read(&rel));
             }
         }
-        for (name, text) in self.tracefs.ftrace_formats() {
-            push(format!("events/ftrace/{name}/format"), Ok(text));
+        for name in self.tracefs.ftrace_format_names() {
+            let rel = format!("events/ftrace/{name}/format");
+            push(rel.clone(), &|| self.tracefs.read(&rel));
         }
-        push(
-            "kallsyms".into(),
+        push("kallsyms".into(), &|| {
             super::tracefs::read_whole(std::path::Path::new("/proc/kallsyms")).map_err(|source| {
                 TracefsError::Io {
                     path: "/proc/kallsyms".into(),
                     source,
                 }
-            }),
-        );
-        push("printk_formats".into(), self.tracefs.read("printk_formats"));
+            })
+        });
+        push("printk_formats".into(), &|| {
+            self.tracefs.read("printk_formats")
+        });
         if let Some(instance) = &self.instance {
             if let Ok(text) = instance.trace_clock_text() {
-                push("trace_clock".into(), Ok(text.into_bytes()));
+                out.push(("trace_clock".into(), text.into_bytes()));
             }
         }
         if let Ok(u) = nix::sys::utsname::uname() {
@@ -457,7 +459,7 @@ impl Recording {
                 u.version().to_string_lossy(),
                 u.machine().to_string_lossy()
             );
-            push("uname".into(), Ok(uname.into_bytes()));
+            out.push(("uname".into(), uname.into_bytes()));
         }
         out
     }

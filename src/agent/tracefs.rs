@@ -103,6 +103,19 @@ impl Tracefs {
     }
 
     /// Format texts of the `ftrace` system's events (function, print, …), as trace-cmd saves them.
+    /// Names of the `ftrace` system's events (each has a `format`), sorted.
+    pub fn ftrace_format_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.root.join("events/ftrace"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("format").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn ftrace_formats(&self) -> Vec<(String, Vec<u8>)> {
         let dir = self.root.join("events/ftrace");
         let mut out = Vec::new();

@@ -28,6 +28,14 @@ const UNKNOWN: u64 = u64::MAX;
 const POLL_MS: u64 = 50;
 /// How much the seeking phase reads at a time.
 const SEEK_READ: usize = 64 * 1024;
+/// The FIFO's own buffer (the kernel's default is 64 KiB): QEMU writes into it while the
+/// collector sleeps between batches.
+const FIFO_BUFFER: i32 = 1 << 20;
+/// While the recording runs, a splice that moved less than this waits [`BATCH_WAIT`] before
+/// the next one, so that data is taken in big batches (few system calls, no EAGAIN churn)
+/// instead of page by page as it trickles in. Fast streams fill batches and never wait.
+const SMALL_BATCH: usize = 256 * 1024;
+const BATCH_WAIT: Duration = Duration::from_millis(10);
 
 /// Shared between a stream's thread and the recording's controller.
 #[derive(Debug)]
@@ -192,6 +200,8 @@ impl CpuStream {
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(fifo)?;
+        // Best effort: a kernel that refuses keeps its default and we only wake up more.
+        let _ = nix::fcntl::fcntl(&fifo_file, nix::fcntl::FcntlArg::F_SETPIPE_SZ(FIFO_BUFFER));
         let out = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -365,6 +375,11 @@ fn run(cpu: u32, fifo: &File, out: &File, nonce: u64, shared: &StreamShared) -> 
                 if store {
                     pipe.push_all(out, n)?;
                     shared.received.fetch_add(n64, Ordering::SeqCst);
+                    // Still recording and the data trickles: let it gather. After Stop the
+                    // drain goes at full speed.
+                    if n < SMALL_BATCH && shared.target().is_none() {
+                        std::thread::sleep(BATCH_WAIT);
+                    }
                 } else {
                     pipe.push_all(&null, n)?;
                     let over_limit = shared.limit.load(Ordering::SeqCst) <= received;
