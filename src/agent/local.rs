@@ -76,6 +76,12 @@ impl LocalSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// For poll(2): readable when a client connects.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
 }
 
 impl Drop for LocalSocket {
@@ -114,6 +120,12 @@ impl Client {
             pid,
             offer_deadline: Instant::now() + OFFER_TIMEOUT,
         })
+    }
+
+    /// For poll(2): readable when the client sends or hangs up.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.stream.as_fd()
     }
 
     /// The next message from the client, without waiting.

@@ -34,8 +34,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::zerocopy::{wait_writable_for, write_some, Pulled, SplicePipe};
 
 /// How long a pump sleeps in poll(2) when its buffer has no full page. The kernel wakes
-/// pollers only when the buffer is `buffer_percent` full, so this bounds the latency.
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// pollers when the buffer is `buffer_percent` (50 %) full, as trace-cmd's recorders wait;
+/// this bounds how late the pages of a slow stream reach the host (the live display). Stop
+/// does not wait for it: the controller's waker ends every sleep.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long one wait for room on the port lasts before the pump looks at its flags again.
 const PORT_POLL: Duration = Duration::from_millis(100);
 /// A port that said it had room and then refused a write is retried after this pause.
@@ -340,8 +342,14 @@ impl Mover<'_> {
 /// next wait is a plain sleep, so the loop cannot spin.
 fn wait_for_pages(raw: &File, waker: &Waker, woke_early_for_nothing: bool) -> io::Result<bool> {
     if woke_early_for_nothing {
-        std::thread::sleep(IDLE_POLL);
-        return Ok(false);
+        // The buffer claimed pages that did not come: wait for the waker alone.
+        let ms = u16::try_from(IDLE_POLL.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(waker.fd(), PollFlags::POLLIN)];
+        return match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => Ok(false),
+            Ok(_) | Err(Errno::EINTR) => Ok(true),
+            Err(e) => Err(e.into()),
+        };
     }
     let ms = u16::try_from(IDLE_POLL.as_millis()).unwrap_or(u16::MAX);
     let mut fds = [

@@ -32,8 +32,9 @@ use super::tracefs::{current_clock, Tracefs};
 const IDLE_LOOK: Duration = Duration::from_millis(100);
 /// How long one control message may wait for the host to take it before the session is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a busy session checks its command and pumps.
-const TICK: Duration = Duration::from_millis(50);
+/// How often a busy session checks its command, its pumps and its deadlines. Messages from
+/// the host and from a local client wake it at once.
+const TICK: Duration = Duration::from_millis(250);
 
 /// Settings of the agent process.
 #[derive(Debug, Clone, Default)]
@@ -191,13 +192,28 @@ impl Agent {
 
     /// Waits up to one tick for bytes on the control port.
     fn read_input(&mut self) -> io::Result<Input> {
-        let mut fds = [PollFd::new(self.port.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(self.port.as_fd(), PollFlags::POLLIN)];
+        let local = self.local.as_ref().map(LocalSocket::fd);
+        let clients = self
+            .pending_client
+            .iter()
+            .chain(self.offer.iter().filter_map(|o| o.client.as_ref()))
+            .map(Client::fd);
+        for fd in local.into_iter().chain(clients) {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
         let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => return Ok(Input::Nothing),
             Ok(_) => {}
             Err(Errno::EINTR) => return Ok(Input::Nothing),
             Err(e) => return Err(e.into()),
+        }
+        let port_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+        drop(fds);
+        if !port_ready {
+            // A local client woke us: the loop tends it.
+            return Ok(Input::Nothing);
         }
         let mut buf = [0u8; 65536];
         let want = buf.len().min(self.decoder.space().max(1));

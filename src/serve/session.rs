@@ -675,7 +675,10 @@ struct SessionWatch<'a> {
     cmds: &'a Receiver<Cmd>,
     holder: String,
     signals_seen: u32,
-    shutdown_seen: bool,
+    /// A stop was asked (a signal, or serve shutting down) and the recording is stopping:
+    /// from now on only a further signal abandons the drain. (The signal and serve's
+    /// shutdown flag arrive a moment apart; one request must not count twice.)
+    stopping: bool,
 }
 
 impl<'a> SessionWatch<'a> {
@@ -685,7 +688,7 @@ impl<'a> SessionWatch<'a> {
             cmds,
             holder,
             signals_seen: crate::trace::signals(),
-            shutdown_seen: ctx.shutdown.load(Ordering::SeqCst),
+            stopping: false,
         }
     }
 }
@@ -704,8 +707,9 @@ impl Watcher for SessionWatch<'_> {
         if self.ctx.flags.gone.load(Ordering::SeqCst) {
             return Watch::DomainGone;
         }
+        let new_signal = crate::trace::signals() > self.signals_seen;
         let shutdown = self.ctx.shutdown.load(Ordering::SeqCst);
-        if (shutdown && !self.shutdown_seen) || crate::trace::signals() > self.signals_seen {
+        if new_signal || (shutdown && !self.stopping) {
             return Watch::Abandon;
         }
         if self.ctx.flags.paused.load(Ordering::SeqCst) {
@@ -727,6 +731,6 @@ impl Watcher for SessionWatch<'_> {
 
     fn rebase(&mut self) {
         self.signals_seen = crate::trace::signals();
-        self.shutdown_seen = self.ctx.shutdown.load(Ordering::SeqCst);
+        self.stopping = true;
     }
 }
