@@ -666,10 +666,11 @@ pub(crate) fn write_and_count(
     };
     let layout = check_headers(&meta.header_page, &meta.header_event, meta.page_size)
         .map_err(|e| GuestError::BadHeaders(clean_text(&e.to_string())))?;
-    let left_out = output::write_file(&opts.output, &meta, &data, &layout, &collected.formats)
+    let scans = output::write_file(&opts.output, &meta, &data, &layout, &collected.formats)
         .map_err(write_err)?;
-    let problems = left_out
+    let problems = scans
         .iter()
+        .filter(|(_, scan)| scan.dropped_pages > 0)
         .map(|(cpu, scan)| {
             let first = scan
                 .problems
@@ -682,7 +683,7 @@ pub(crate) fn write_and_count(
             )
         })
         .collect();
-    let cpus = output::count_cpus(&opts.output, cpus, counts, &complete).map_err(write_err)?;
+    let cpus = output::cpu_summaries(&scans, cpus, counts, &complete);
     Ok((cpus, problems))
 }
 

@@ -1,7 +1,8 @@
 //! Turning what a recording collected into a trace.dat: the guest's metadata files become the
 //! file's headers, and each CPU's data file is copied in by the kernel (copy_file_range).
-//! The written file is then read back to count events and lost events per CPU, so the summary
-//! describes exactly the file on disk.
+//! Events and lost events are counted per CPU in the same pass that checks every page
+//! (`tracedat::sanitize`), over exactly the pages the file keeps: the summary describes the
+//! file on disk without reading it back.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -9,9 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::collect::guest_input::CpuCounts;
 use crate::tracedat::sanitize::{scan_cpu_file, FormatSet, PageScan};
-use crate::tracedat::{
-    write_trace_dat, CpuData, PageLayout, TraceDatError, TraceDatFile, TraceMeta,
-};
+use crate::tracedat::{write_trace_dat, CpuData, PageLayout, TraceDatError, TraceMeta};
 
 use super::summary::CpuSummary;
 
@@ -96,7 +95,8 @@ pub struct CollectedCpu {
 /// that ends in a partial page (a stream cut short) is trimmed to whole pages, and pages that
 /// `tracedat::sanitize` refuses (they do not walk cleanly with `layout`, the guest's checked
 /// headers, or a record would make trace-cmd read out of bounds with `formats`) are left
-/// out. Returns, per CPU, the pages left out with the first problems found.
+/// out. Returns, per CPU with data, its scan: the pages kept and their counts, the pages left
+/// out with the first problems found.
 pub fn write_file(
     output: &Path,
     meta: &TraceMeta,
@@ -109,7 +109,7 @@ pub fn write_file(
     let ncpus = collected.iter().map(|c| c.cpu + 1).max().unwrap_or(0);
     let page = u64::from(meta.page_size);
     let mut files: Vec<Option<(File, u64)>> = Vec::new();
-    let mut left_out = BTreeMap::new();
+    let mut scans = BTreeMap::new();
     for cpu in 0..ncpus {
         let entry = collected.iter().find(|c| c.cpu == cpu);
         let opened = match entry.and_then(|c| c.data.as_ref().map(|p| (p, c.bytes))) {
@@ -124,13 +124,13 @@ pub fn write_file(
                 let whole = len - len % page;
                 let check = |e| TraceDatError::io(format!("check {}", path.display()), e);
                 let scan = scan_cpu_file(layout, &f, whole, Some(formats)).map_err(check)?;
-                if scan.dropped_pages == 0 {
-                    Some((f, whole))
+                let kept = if scan.dropped_pages == 0 {
+                    (f, whole)
                 } else {
-                    let kept = good_pages_only(&f, &scan, dir).map_err(check)?;
-                    left_out.insert(cpu, scan);
-                    Some(kept)
-                }
+                    good_pages_only(&f, &scan, dir).map_err(check)?
+                };
+                scans.insert(cpu, scan);
+                Some(kept)
             }
             None => None,
         };
@@ -160,7 +160,7 @@ pub fn write_file(
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
     tmp.as_file().set_permissions(perms).map_err(write_err)?;
     tmp.persist(output).map_err(|e| write_err(e.error))?;
-    Ok(left_out)
+    Ok(scans)
 }
 
 /// A new file in `dir` holding only the good page ranges of `file`, in order, and its length.
@@ -183,37 +183,38 @@ fn good_pages_only(file: &File, scan: &PageScan, dir: &Path) -> std::io::Result<
     Ok((out, written))
 }
 
-/// Reads `output` back and counts, per CPU, pages, events and lost events.
-pub fn count_cpus(
-    output: &Path,
+/// Per CPU recorded: bytes, pages, events and lost events of what the file holds (from the
+/// write's scans), with the agent's numbers beside them.
+pub fn cpu_summaries(
+    scans: &BTreeMap<u32, PageScan>,
     recorded: &[u32],
     counts: Option<&BTreeMap<u32, CpuCounts>>,
     complete: &BTreeMap<u32, bool>,
-) -> Result<Vec<CpuSummary>, TraceDatError> {
-    let file = TraceDatFile::open(output)?;
-    let mut out = Vec::new();
-    for &cpu in recorded {
-        let idx = usize::try_from(cpu).unwrap_or(usize::MAX);
-        let found = file.count_events(idx)?;
-        let extent = file.cpus().get(idx).copied();
-        let st = counts.and_then(|c| c.get(&cpu));
-        let lost = st.map_or(found.missed_events, CpuCounts::lost);
-        out.push(CpuSummary {
-            cpu,
-            bytes: extent.map_or(0, |e| e.size),
-            pages: found.pages,
-            events: found.events,
-            lost_events: lost.max(found.missed_events),
-            pages_with_lost_events: found.missed_pages,
-            bytes_sent: st.map(|s| s.bytes),
-            complete: complete.get(&cpu).copied().unwrap_or(false),
-            overrun: st.map(|s| s.overrun),
-            commit_overrun: st.map(|s| s.commit_overrun),
-            dropped_events: st.map(|s| s.dropped_events),
-            timestamps_backwards: found.ts_backwards,
-        });
-    }
-    Ok(out)
+) -> Vec<CpuSummary> {
+    let none = PageScan::default();
+    recorded
+        .iter()
+        .map(|&cpu| {
+            let scan = scans.get(&cpu).unwrap_or(&none);
+            let found = &scan.counts;
+            let st = counts.and_then(|c| c.get(&cpu));
+            let lost = st.map_or(found.missed_events, CpuCounts::lost);
+            CpuSummary {
+                cpu,
+                bytes: scan.good_bytes(),
+                pages: found.pages,
+                events: found.events,
+                lost_events: lost.max(found.missed_events),
+                pages_with_lost_events: found.missed_pages,
+                bytes_sent: st.map(|s| s.bytes),
+                complete: complete.get(&cpu).copied().unwrap_or(false),
+                overrun: st.map(|s| s.overrun),
+                commit_overrun: st.map(|s| s.commit_overrun),
+                dropped_events: st.map(|s| s.dropped_events),
+                timestamps_backwards: found.ts_backwards,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

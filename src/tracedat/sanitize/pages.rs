@@ -406,6 +406,9 @@ pub struct PageScan {
     pub dropped_pages: u64,
     /// The first [`MAX_NOTED_PAGE_PROBLEMS`] problems, with the page index (from 0).
     pub problems: Vec<(u64, PageProblem)>,
+    /// Events, pages and lost events of the good pages: what the written file holds, counted
+    /// while scanning (no second read of the data).
+    pub counts: crate::tracedat::EventCounts,
 }
 
 impl PageScan {
@@ -414,9 +417,20 @@ impl PageScan {
         self.good.iter().map(|r| r.end - r.start).sum()
     }
 
-    fn add(&mut self, index: u64, offset: u64, len: u64, verdict: Result<PageInfo, PageProblem>) {
+    fn add(
+        &mut self,
+        layout: &PageLayout,
+        page: &[u8],
+        index: u64,
+        offset: u64,
+        verdict: Result<PageInfo, PageProblem>,
+    ) {
+        let len = u64::try_from(page.len()).unwrap_or(u64::MAX);
         match verdict {
             Ok(_) => {
+                // A page the walk accepted parses for counting too; if it did not, it would
+                // still be kept (the counts then miss it, which the summary's check shows).
+                let _ = self.counts.add_page(layout, page);
                 self.good_pages += 1;
                 match self.good.last_mut() {
                     Some(last) if last.end == offset => last.end += len,
@@ -440,8 +454,7 @@ pub fn scan_cpu_data(layout: &PageLayout, data: &[u8], formats: Option<&FormatSe
     for (index, page) in data.chunks(page_size).enumerate() {
         let index = u64::try_from(index).unwrap_or(u64::MAX);
         let offset = index * u64::try_from(page_size).unwrap_or(u64::MAX);
-        let len = u64::try_from(page.len()).unwrap_or(u64::MAX);
-        scan.add(index, offset, len, walk(layout, page, formats));
+        scan.add(layout, page, index, offset, walk(layout, page, formats));
     }
     scan
 }
@@ -453,7 +466,7 @@ pub fn scan_cpu_file(
     len: u64,
     formats: Option<&FormatSet>,
 ) -> io::Result<PageScan> {
-    const PAGES_PER_READ: usize = 64;
+    const PAGES_PER_READ: usize = 256;
     let page_size = layout.page_size();
     let page_len = u64::try_from(page_size).unwrap_or(u64::MAX);
     let mut buf = vec![0u8; page_size * PAGES_PER_READ];
@@ -466,7 +479,7 @@ pub fn scan_cpu_file(
         for page in buf[..want].chunks(page_size) {
             let index = offset / page_len;
             let n = u64::try_from(page.len()).unwrap_or(u64::MAX);
-            scan.add(index, offset, n, walk(layout, page, formats));
+            scan.add(layout, page, index, offset, walk(layout, page, formats));
             offset += n;
         }
     }
