@@ -126,6 +126,10 @@ pub struct TraceArgs {
     /// recording like --duration
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_size: Option<u64>,
+    /// trace.dat version: 7 (sections, zstd-compressed, as trace-cmd 3.x writes), or 6 for
+    /// readers older than trace-cmd 3.0 (uncompressed)
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u8).range(6..=7))]
+    pub file_version: u8,
     /// Command to run in the guest while tracing; its end stops the trace
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -180,6 +184,10 @@ impl TraceArgs {
             agent_timeout: secs("--agent-timeout", self.agent_timeout)?,
             progress: true,
             max_size: self.max_size,
+            file_version: match self.file_version {
+                6 => crate::trace::FileVersion::V6,
+                _ => crate::trace::FileVersion::V7,
+            },
         })
     }
 }

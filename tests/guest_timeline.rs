@@ -406,6 +406,16 @@ fn kvm_method_notes_an_offset_that_moved_during_the_recording() {
     let vm = &lab.vms[1];
     let (debugfs, vcpu_dirs) = synthetic_kvm_debugfs(vm, dir.path(), &[-1000, -1000, -1000]);
     let moved = vcpu_dirs[2].join("tsc-offset");
+    // Its access time in the past: tvctl's first read (at the start) moves it to now.
+    let epoch = nix::sys::time::TimeSpec::new(0, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &moved,
+        &epoch,
+        &nix::sys::time::TimeSpec::UTIME_OMIT,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
     let before = vm.console_count("tvctl-agent: recording ");
     let (root, out_s, name, fs) = (
         lab.root.clone(),
@@ -433,7 +443,16 @@ fn kvm_method_notes_an_offset_that_moved_during_the_recording() {
     });
 
     vm.wait_console_count("tvctl-agent: recording ", before, common::boot_timeout());
-    std::thread::sleep(Duration::from_secs(1));
+    // Change the offset once tvctl has read it at the start (however busy the machine is).
+    let read_at_start = std::time::Instant::now();
+    while std::fs::metadata(&moved).unwrap().accessed().unwrap() <= std::time::UNIX_EPOCH {
+        assert!(
+            read_at_start.elapsed() < Duration::from_secs(60),
+            "tvctl never read {}",
+            moved.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::fs::write(&moved, "-5000\n").unwrap();
     let res = child.join().unwrap();
 

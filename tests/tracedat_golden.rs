@@ -339,3 +339,132 @@ fn cpu_stats_count_must_match_the_cpus() {
 fn write_file(dir: &Path, meta: &TraceMeta, cpu_data: &[Vec<u8>]) -> PathBuf {
     common::write_trace_file(dir, meta, cpu_data).0
 }
+
+/// Files the real trace-cmd 3.1.6 wrote (`trace-cmd convert --file-version 7 --compression
+/// zstd|none` of a small version-6 file, tests/data/tracedat/trace-cmd-v7-source-v6.dat): tvctl's
+/// reader gets the same metadata and pages from all three.
+#[test]
+fn version_7_files_of_the_real_trace_cmd_read_like_their_version_6_source() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tracedat");
+    let v6 = TraceDatFile::open(data.join("trace-cmd-v7-source-v6.dat")).unwrap();
+    for name in ["trace-cmd-v7-zstd.dat", "trace-cmd-v7-none.dat"] {
+        let v7 = TraceDatFile::open(data.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (a, b) = (v6.meta(), v7.meta());
+        assert_eq!(a.header_page, b.header_page, "{name}");
+        assert_eq!(a.header_event, b.header_event, "{name}");
+        assert_eq!(a.event_systems, b.event_systems, "{name}");
+        assert_eq!(a.saved_cmdlines, b.saved_cmdlines, "{name}");
+        assert_eq!(v6.cpus().len(), v7.cpus().len(), "{name}");
+        for cpu in 0..v6.cpus().len() {
+            assert_eq!(
+                v6.read_cpu_data(cpu).unwrap(),
+                v7.read_cpu_data(cpu).unwrap(),
+                "{name} CPU {cpu}"
+            );
+            assert_eq!(
+                v6.count_events(cpu).unwrap(),
+                v7.count_events(cpu).unwrap(),
+                "{name} CPU {cpu}"
+            );
+        }
+    }
+}
+
+/// `u16 id, u16 flags, s32 desc, u64 size` at `at`.
+fn section_header(bytes: &[u8], at: usize) -> (u16, u16, i32, u64) {
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    (
+        u16_at(at),
+        u16_at(at + 2),
+        i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()),
+        u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()),
+    )
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// The version-7 layout of docs/trace-format.md, byte by byte where it is fixed: file start,
+/// the HEADER_INFO section right after it, an options section that points at it and chains
+/// to the options section after the data, and the BUFFER option's page-aligned CPU block.
+#[test]
+fn version_7_without_compression_has_the_documented_layout() {
+    use tvctl::tracedat::{write_trace_dat_v7, Compression, CpuData};
+    let dir = tempfile::tempdir().unwrap();
+    let meta = golden_meta();
+    let page = golden_page();
+    let raw = dir.path().join("cpu0.raw");
+    fs::write(&raw, &page).unwrap();
+    let raw = fs::File::open(&raw).unwrap();
+    let path = dir.path().join("v7.dat");
+    let mut out = fs::File::create(&path).unwrap();
+    let cpus = [CpuData {
+        file: &raw,
+        len: 4096,
+    }];
+    write_trace_dat_v7(&mut out, &meta, &cpus, Compression::None).unwrap();
+    let b = fs::read(&path).unwrap();
+
+    // File start: magic, "7\0", little endian, sizeof(long) 8, page 4096, "none\0" "\0".
+    let mut start = vec![0x17, 0x08, 0x44];
+    start.extend_from_slice(b"tracing7\0");
+    start.extend_from_slice(&[0, 8, 0x00, 0x10, 0, 0]);
+    start.extend_from_slice(b"none\0\0");
+    assert_eq!(&b[..24], &start[..]);
+    let options1 = usize::try_from(u64_at(&b, 24)).unwrap();
+
+    // HEADER_INFO at 32, uncompressed, no description, its exact payload.
+    let mut info = b"header_page\0".to_vec();
+    info.extend_from_slice(&u64::try_from(meta.header_page.len()).unwrap().to_le_bytes());
+    info.extend_from_slice(&meta.header_page);
+    info.extend_from_slice(b"header_event\0");
+    info.extend_from_slice(
+        &u64::try_from(meta.header_event.len())
+            .unwrap()
+            .to_le_bytes(),
+    );
+    info.extend_from_slice(&meta.header_event);
+    assert_eq!(
+        section_header(&b, 32),
+        (16, 0, -1, u64::try_from(info.len()).unwrap())
+    );
+    assert_eq!(&b[48..48 + info.len()], &info[..]);
+
+    // Options section 1: its first option points at HEADER_INFO; it ends with DONE -> options 2.
+    let (id, flags, _, size) = section_header(&b, options1);
+    assert_eq!((id, flags), (0, 0));
+    let body = options1 + 16;
+    assert_eq!(&b[body..body + 6], &[16, 0, 8, 0, 0, 0]);
+    assert_eq!(u64_at(&b, body + 6), 32);
+    let done = body + usize::try_from(size).unwrap() - 14;
+    assert_eq!(&b[done..done + 6], &[0, 0, 8, 0, 0, 0]);
+    let options2 = usize::try_from(u64_at(&b, done + 6)).unwrap();
+
+    // Options section 2: the BUFFER option, then DONE with next 0 at the very end.
+    assert_eq!(section_header(&b, options2).0, 0);
+    let opt = options2 + 16;
+    assert_eq!(u16::from_le_bytes([b[opt], b[opt + 1]]), 3);
+    let buffer_at = usize::try_from(u64_at(&b, opt + 6)).unwrap();
+    assert_eq!(&b[opt + 14..opt + 21], b"\0local\0");
+    assert_eq!(&b[opt + 21..opt + 29], &[0, 0x10, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(&b[opt + 29..opt + 33], &[0, 0, 0, 0]); // CPU 0
+    let data_at = usize::try_from(u64_at(&b, opt + 33)).unwrap();
+    assert_eq!(u64_at(&b, opt + 41), 4096);
+    assert_eq!(&b[b.len() - 14..b.len() - 8], &[0, 0, 8, 0, 0, 0]);
+    assert_eq!(u64_at(&b, b.len() - 8), 0);
+
+    // The BUFFER section: uncompressed, its page aligned and verbatim.
+    let (id, flags, _, size) = section_header(&b, buffer_at);
+    assert_eq!((id, flags), (3, 0));
+    assert_eq!(data_at % 4096, 0);
+    assert_eq!(
+        buffer_at + 16 + usize::try_from(size).unwrap(),
+        data_at + 4096
+    );
+    assert_eq!(&b[data_at..data_at + 4096], &page[..]);
+
+    // And trace-cmd 3.1.6 prints what it prints for the version-6 golden file.
+    let v6 = write_file(dir.path(), &meta, &[page]);
+    assert_eq!(report(&path, &[]), report(&v6, &[]));
+}

@@ -15,7 +15,7 @@ use tvctl::proto::{
     Pong, RecordDone, RecordOffer, RecordRequest, ServeReady, Started, StopReason, Stopped,
     SyncProbe, SyncReply, PROTOCOL_VERSION,
 };
-use tvctl::tracedat::{write_trace_dat, CpuData, TraceMeta};
+use tvctl::tracedat::{write_trace_dat, write_trace_dat_v7, Compression, CpuData, TraceMeta};
 
 use crate::tracedat::memfd;
 use crate::{HEADER_EVENT, HEADER_PAGE_32, HEADER_PAGE_64, TARGETS};
@@ -266,6 +266,10 @@ fn messages() -> Seeds {
         "seed-close",
         "seed-sync-probe",
         "seed-sync-reply",
+        "seed-serve-ready",
+        "seed-record-offer",
+        "seed-offer-answer",
+        "seed-record-done",
     ];
     let msgs = sample_messages();
     assert_eq!(names.len(), msgs.len());
@@ -563,6 +567,11 @@ fn trace_meta(header_page: &[u8]) -> TraceMeta {
 
 /// A trace.dat as the writer makes it.
 fn written(meta: &TraceMeta, cpus: &[Vec<u8>]) -> Vec<u8> {
+    written_as(meta, cpus, None)
+}
+
+/// A file of `meta` and `cpus`: version 6, or version 7 with `v7` compression.
+fn written_as(meta: &TraceMeta, cpus: &[Vec<u8>], v7: Option<Compression>) -> Vec<u8> {
     let files: Vec<_> = cpus.iter().map(|_| memfd()).collect();
     for (file, bytes) in files.iter().zip(cpus) {
         file.write_all_at(bytes, 0).expect("write a memfd");
@@ -576,7 +585,11 @@ fn written(meta: &TraceMeta, cpus: &[Vec<u8>]) -> Vec<u8> {
         })
         .collect();
     let mut out = memfd();
-    write_trace_dat(&mut out, meta, &data).expect("seed meta is valid");
+    match v7 {
+        None => write_trace_dat(&mut out, meta, &data).map(|_| ()),
+        Some(c) => write_trace_dat_v7(&mut out, meta, &data, c).map(|_| ()),
+    }
+    .expect("seed meta is valid");
     let mut bytes = Vec::new();
     out.seek(SeekFrom::Start(0)).expect("seek a memfd");
     out.read_to_end(&mut bytes).expect("read back");
@@ -615,12 +628,24 @@ fn tracedat() -> Seeds {
             "seed-two-cpus",
             written(
                 &two_cpus,
-                &[[golden_page, missed_page].concat(), Vec::new()],
+                &[[golden_page.clone(), missed_page].concat(), Vec::new()],
             ),
         ),
         (
             "seed-32-bit",
             written(&trace_meta(HEADER_PAGE_32), &[page32]),
+        ),
+        (
+            "seed-v7-zstd",
+            written_as(
+                &golden,
+                std::slice::from_ref(&golden_page),
+                Some(Compression::Zstd),
+            ),
+        ),
+        (
+            "seed-v7-none",
+            written_as(&golden, &[golden_page], Some(Compression::None)),
         ),
     ]
 }

@@ -27,7 +27,9 @@ thread_local! {
 
 pub fn run(data: &[u8]) {
     // The reader allocates at most the file's length at once (a section, a CPU's pages).
-    alloc_guard::budget(data.len(), 3);
+    // zstd-compressed version-7 files legitimately expand (the reader allows up to 4096×).
+    let zstd = data.len() > 23 && data[10] == b'7' && &data[18..23] == b"zstd\0";
+    alloc_guard::budget(data.len(), if zstd { 2 * 4096 + 3 } else { 3 });
     FILES.with_borrow_mut(|files| {
         while files.len() < 2 + MAX_REWRITE_CPUS {
             files.push(memfd());
@@ -54,16 +56,32 @@ fn check(len: usize, files: &mut [File]) {
     let len = u64::try_from(len).expect("usize fits u64");
     let page_size = u64::try_from(layout.page_size()).expect("usize fits u64");
     let mut cpu_data = Vec::new();
+    let compressed = trace.compressed();
     for (cpu, extent) in trace.cpus().iter().enumerate() {
-        assert!(extent
-            .offset
-            .checked_add(extent.size)
-            .is_some_and(|end| end <= len));
+        if compressed && extent.size > 1024 * len {
+            return; // a file that claims more than 1024× its size in pages: not read here
+        }
+        if !compressed {
+            assert!(extent
+                .offset
+                .checked_add(extent.size)
+                .is_some_and(|end| end <= len));
+        }
         assert_eq!(extent.size % page_size, 0, "CPU {cpu}: partial page");
         let paged = trace.count_events(cpu);
-        let bytes = trace
-            .read_cpu_data(cpu)
-            .expect("an extent lies inside the file");
+        let bytes = match trace.read_cpu_data(cpu) {
+            Ok(bytes) => bytes,
+            // A compressed chunk may not decompress (it is checked only when read); then
+            // counting page by page fails too.
+            Err(_) if compressed => {
+                assert!(
+                    paged.is_err(),
+                    "CPU {cpu}: counted data that cannot be read"
+                );
+                return;
+            }
+            Err(e) => panic!("CPU {cpu}: an extent lies inside the file: {e}"),
+        };
         let whole = layout.count_events(&bytes);
         match (&paged, &whole) {
             (Ok(a), Ok(b)) => assert_eq!(a, b, "CPU {cpu}: counts differ"),

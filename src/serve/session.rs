@@ -502,6 +502,7 @@ impl Worker {
             agent_timeout: Duration::from_secs(30),
             progress: false,
             max_size: self.ctx.max_bytes.map(|m| m - used),
+            file_version: crate::trace::FileVersion::V7,
         };
         let scratch = match scratch_next_to(&path) {
             Ok(s) => s,

@@ -58,6 +58,18 @@ pub struct TraceOptions {
     pub progress: bool,
     /// `--max-size`: most bytes of trace data to keep; reaching it stops the recording.
     pub max_size: Option<u64>,
+    /// `--file-version`: 7 (sections, zstd; the default, as trace-cmd 3.x writes) or 6.
+    pub file_version: FileVersion,
+}
+
+/// The trace.dat layout to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileVersion {
+    /// Version 6: no compression, for readers older than trace-cmd 3.0.
+    V6,
+    /// Version 7 with zstd compression.
+    #[default]
+    V7,
 }
 
 /// Why a trace failed. Partial results (a file with what arrived) are not errors: see
@@ -666,8 +678,15 @@ pub(crate) fn write_and_count(
     };
     let layout = check_headers(&meta.header_page, &meta.header_event, meta.page_size)
         .map_err(|e| GuestError::BadHeaders(clean_text(&e.to_string())))?;
-    let scans = output::write_file(&opts.output, &meta, &data, &layout, &collected.formats)
-        .map_err(write_err)?;
+    let scans = output::write_file(
+        &opts.output,
+        &meta,
+        &data,
+        &layout,
+        &collected.formats,
+        opts.file_version,
+    )
+    .map_err(write_err)?;
     let problems = scans
         .iter()
         .filter(|(_, scan)| scan.dropped_pages > 0)

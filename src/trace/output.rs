@@ -1,5 +1,6 @@
 //! Turning what a recording collected into a trace.dat: the guest's metadata files become the
-//! file's headers, and each CPU's data file is copied in by the kernel (copy_file_range).
+//! file's headers, and each CPU's data is compressed in (version 7, the default) or copied in
+//! by the kernel (version 6, copy_file_range).
 //! Events and lost events are counted per CPU in the same pass that checks every page
 //! (`tracedat::sanitize`), over exactly the pages the file keeps: the summary describes the
 //! file on disk without reading it back.
@@ -10,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use crate::collect::guest_input::CpuCounts;
 use crate::tracedat::sanitize::{scan_cpu_file, FormatSet, PageScan};
-use crate::tracedat::{write_trace_dat, CpuData, PageLayout, TraceDatError, TraceMeta};
+use crate::tracedat::{
+    write_trace_dat, write_trace_dat_v7, Compression, CpuData, PageLayout, TraceDatError, TraceMeta,
+};
 
 use super::summary::CpuSummary;
 
@@ -103,6 +106,7 @@ pub fn write_file(
     collected: &[CollectedCpu],
     layout: &PageLayout,
     formats: &FormatSet,
+    version: super::FileVersion,
 ) -> Result<BTreeMap<u32, PageScan>, TraceDatError> {
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
@@ -153,7 +157,12 @@ pub fn write_file(
         .suffix(".dat.partial")
         .tempfile_in(dir)
         .map_err(|e| TraceDatError::io(format!("create a file next to {}", output.display()), e))?;
-    write_trace_dat(tmp.as_file_mut(), meta, &cpus)?;
+    match version {
+        super::FileVersion::V6 => write_trace_dat(tmp.as_file_mut(), meta, &cpus)?,
+        super::FileVersion::V7 => {
+            write_trace_dat_v7(tmp.as_file_mut(), meta, &cpus, Compression::Zstd)?
+        }
+    };
     let write_err = |e| TraceDatError::io(format!("write {}", output.display()), e);
     tmp.as_file().sync_all().map_err(write_err)?;
     let mut perms = tmp.as_file().metadata().map_err(write_err)?.permissions();

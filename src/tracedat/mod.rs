@@ -26,9 +26,12 @@ mod count;
 mod format;
 mod page;
 mod reader;
+mod reader_v7;
 pub mod sanitize;
 mod sync_options;
 mod writer;
+#[cfg(feature = "tracedat-v7")]
+pub mod writer_v7;
 
 pub use count::EventCounts;
 pub use format::{parse_event_format, EventFormat, EventNames, FieldFormat};
@@ -36,6 +39,8 @@ pub use page::{MissedEvents, Page, PageError, PageIter, PageLayout, RawEvent};
 pub use reader::{CpuPages, TraceDatFile};
 pub use sync_options::{GuestOption, SyncOptionError, TimeSample, TimeShift, Tsc2Nsec};
 pub use writer::{write_trace_dat, CpuData, WriteSummary};
+#[cfg(feature = "tracedat-v7")]
+pub use writer_v7::{write_trace_dat_v7, Compression};
 
 use std::io;
 

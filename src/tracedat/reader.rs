@@ -19,14 +19,14 @@ use std::path::Path;
 /// Caps on what one section may claim, far above anything a real guest produces.
 // The same caps as the protocol's (src/proto/limits.rs): a file tvctl wrote is always one it
 // can read back.
-const MAX_HEADER_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
-const MAX_FORMAT_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
-const MAX_FORMATS: u32 = 1 << 16;
-const MAX_SYSTEM_NAME: usize = 256;
-const MAX_KALLSYMS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
-const MAX_PRINTK_FORMATS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
-const MAX_CMDLINES: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
-const MAX_OPTIONS: usize = 1 << 16;
+pub(super) const MAX_HEADER_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
+pub(super) const MAX_FORMAT_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
+pub(super) const MAX_FORMATS: u32 = 1 << 16;
+pub(super) const MAX_SYSTEM_NAME: usize = 256;
+pub(super) const MAX_KALLSYMS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
+pub(super) const MAX_PRINTK_FORMATS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
+pub(super) const MAX_CMDLINES: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
+pub(super) const MAX_OPTIONS: usize = 1 << 16;
 const MAX_TRACE_CLOCK: u64 = 1 << 16;
 
 /// An open trace.dat: its metadata, and where each CPU's pages are.
@@ -37,6 +37,7 @@ pub struct TraceDatFile {
     layout: PageLayout,
     cpus: Vec<CpuExtent>,
     other_options: Vec<(u16, Vec<u8>)>,
+    chunks: Option<Vec<Vec<Chunk>>>,
 }
 
 impl TraceDatFile {
@@ -62,7 +63,7 @@ impl TraceDatFile {
             pos: 0,
             len: file_len,
         };
-        let parsed = parse(&mut input)?;
+        let parsed = parse(&mut input, &file)?;
         drop(input);
         Ok(TraceDatFile {
             file,
@@ -70,6 +71,7 @@ impl TraceDatFile {
             layout: parsed.layout,
             cpus: parsed.cpus,
             other_options: parsed.other_options,
+            chunks: parsed.chunks,
         })
     }
 
@@ -82,6 +84,13 @@ impl TraceDatFile {
         &self.layout
     }
 
+    /// True when the CPU data is compressed (version 7 with zstd): then a [`CpuExtent`]'s
+    /// `offset` is where the CPU's chunks start and its `size` the bytes of pages they hold
+    /// once decompressed.
+    pub fn compressed(&self) -> bool {
+        self.chunks.is_some()
+    }
+
     /// One entry per CPU, in CPU order.
     pub fn cpus(&self) -> &[CpuExtent] {
         &self.cpus
@@ -92,20 +101,39 @@ impl TraceDatFile {
         &self.other_options
     }
 
-    /// The pages of one CPU, read one at a time.
+    /// The pages of one CPU, read one at a time (compressed data is decompressed first).
     pub fn pages(&self, cpu: usize) -> Result<CpuPages<'_>, TraceDatError> {
         let extent = self.extent(cpu)?;
+        let memory = match self.cpu_chunks(cpu) {
+            Some(_) => Some(self.read_cpu_data(cpu)?),
+            None => None,
+        };
+        let (next, end) = match &memory {
+            Some(data) => (0, u64::try_from(data.len()).unwrap_or(u64::MAX)),
+            None => (extent.offset, extent.offset + extent.size),
+        };
         Ok(CpuPages {
             file: &self.file,
-            next: extent.offset,
-            end: extent.offset + extent.size,
+            memory,
+            next,
+            end,
             page_size: self.layout.page_size(),
         })
+    }
+
+    fn cpu_chunks(&self, cpu: usize) -> Option<&[Chunk]> {
+        self.chunks
+            .as_ref()
+            .and_then(|c| c.get(cpu))
+            .map(Vec::as_slice)
     }
 
     /// All pages of one CPU in one buffer (as large as the CPU's data, which the file holds).
     pub fn read_cpu_data(&self, cpu: usize) -> Result<Vec<u8>, TraceDatError> {
         let extent = self.extent(cpu)?;
+        if let Some(chunks) = self.cpu_chunks(cpu) {
+            return super::reader_v7::decompress_chunks(&self.file, chunks, extent.size, cpu);
+        }
         let len = usize::try_from(extent.size).map_err(|_| {
             TraceDatError::Unsupported(format!("CPU {cpu} has more data than fits in memory"))
         })?;
@@ -139,6 +167,8 @@ impl TraceDatFile {
 #[derive(Debug)]
 pub struct CpuPages<'f> {
     file: &'f File,
+    /// Decompressed data of a compressed CPU (then `next`/`end` index it).
+    memory: Option<Vec<u8>>,
     next: u64,
     end: u64,
     page_size: usize,
@@ -150,6 +180,12 @@ impl Iterator for CpuPages<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.end {
             return None;
+        }
+        if let Some(data) = &self.memory {
+            let at = usize::try_from(self.next).ok()?;
+            let page = data.get(at..at.checked_add(self.page_size)?)?.to_vec();
+            self.next += u64::try_from(self.page_size).ok()?;
+            return Some(Ok(page));
         }
         let mut page = vec![0; self.page_size];
         let at = self.next;
@@ -166,34 +202,40 @@ impl Iterator for CpuPages<'_> {
     }
 }
 
-struct Parsed {
-    meta: TraceMeta,
-    layout: PageLayout,
-    cpus: Vec<CpuExtent>,
-    other_options: Vec<(u16, Vec<u8>)>,
+pub(super) struct Parsed {
+    pub(super) meta: TraceMeta,
+    pub(super) layout: PageLayout,
+    pub(super) cpus: Vec<CpuExtent>,
+    pub(super) other_options: Vec<(u16, Vec<u8>)>,
+    /// Version 7 with compressed CPU data: each CPU's chunks (empty for a CPU without data).
+    pub(super) chunks: Option<Vec<Vec<Chunk>>>,
 }
 
-fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
+/// One compressed chunk of a CPU's pages (version 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Chunk {
+    /// Where its zstd frame starts.
+    pub(super) offset: u64,
+    pub(super) csize: u32,
+    /// Whole pages once decompressed.
+    pub(super) usize: u32,
+}
+
+fn parse(input: &mut Input<BufReader<&File>>, file: &File) -> Result<Parsed, TraceDatError> {
     if input.len < 10 || input.bytes(10, 10, "magic")? != MAGIC {
         return Err(input.corrupt_at(0, "no trace.dat magic: this is not a trace.dat file"));
     }
     let version = input.c_string(16, "version")?;
-    match version.as_slice() {
-        b"6" => {}
-        b"7" => {
-            return Err(TraceDatError::Unsupported(
-                "version 7 (sections): tvctl reads the version 6 files it writes; \
-                 convert with `trace-cmd convert --file-version 6`"
-                    .into(),
-            ))
-        }
+    let v7 = match version.as_slice() {
+        b"6" => false,
+        b"7" => true,
         other => {
             return Err(TraceDatError::Unsupported(format!(
                 "version {:?}",
                 String::from_utf8_lossy(other)
             )))
         }
-    }
+    };
     if input.u8()? != 0 {
         return Err(TraceDatError::Unsupported("big-endian file".into()));
     }
@@ -204,6 +246,9 @@ fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
     let page_size = input.u32()?;
     if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
         return Err(input.corrupt(format!("page size {page_size} is impossible")));
+    }
+    if v7 {
+        return super::reader_v7::parse(input, file, long_size, page_size);
     }
 
     let mut meta = TraceMeta {
@@ -351,22 +396,23 @@ fn parse(input: &mut Input<'_>) -> Result<Parsed, TraceDatError> {
         layout,
         cpus,
         other_options,
+        chunks: None,
     })
 }
 
-/// A bounded cursor over the file.
-struct Input<'f> {
-    r: BufReader<&'f File>,
-    pos: u64,
-    len: u64,
+/// A bounded cursor over the file (or over a section's payload).
+pub(super) struct Input<R> {
+    pub(super) r: R,
+    pub(super) pos: u64,
+    pub(super) len: u64,
 }
 
-impl Input<'_> {
-    fn corrupt(&self, what: impl Into<String>) -> TraceDatError {
+impl<R: Read> Input<R> {
+    pub(super) fn corrupt(&self, what: impl Into<String>) -> TraceDatError {
         self.corrupt_at(self.pos, what)
     }
 
-    fn corrupt_at(&self, offset: u64, what: impl Into<String>) -> TraceDatError {
+    pub(super) fn corrupt_at(&self, offset: u64, what: impl Into<String>) -> TraceDatError {
         TraceDatError::Corrupt {
             offset,
             what: what.into(),
@@ -374,7 +420,7 @@ impl Input<'_> {
     }
 
     /// Reads `n` bytes, if `n` is within `cap` and within the rest of the file.
-    fn bytes(&mut self, n: u64, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+    pub(super) fn bytes(&mut self, n: u64, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
         let remaining = self.len - self.pos;
         if n > remaining {
             return Err(self.corrupt(format!(
@@ -404,23 +450,23 @@ impl Input<'_> {
             .map_err(|_| self.corrupt(format!("{what}: short read")))
     }
 
-    fn u8(&mut self) -> Result<u8, TraceDatError> {
+    pub(super) fn u8(&mut self) -> Result<u8, TraceDatError> {
         Ok(self.array::<1>("byte")?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, TraceDatError> {
+    pub(super) fn u16(&mut self) -> Result<u16, TraceDatError> {
         Ok(u16::from_le_bytes(self.array("u16")?))
     }
 
-    fn u32(&mut self) -> Result<u32, TraceDatError> {
+    pub(super) fn u32(&mut self) -> Result<u32, TraceDatError> {
         Ok(u32::from_le_bytes(self.array("u32")?))
     }
 
-    fn u64(&mut self) -> Result<u64, TraceDatError> {
+    pub(super) fn u64(&mut self) -> Result<u64, TraceDatError> {
         Ok(u64::from_le_bytes(self.array("u64")?))
     }
 
-    fn count(&mut self, cap: u32, what: &str) -> Result<u32, TraceDatError> {
+    pub(super) fn count(&mut self, cap: u32, what: &str) -> Result<u32, TraceDatError> {
         let n = self.u32()?;
         if n > cap {
             return Err(self.corrupt(format!("{n} {what}, more than {cap}")));
@@ -428,7 +474,7 @@ impl Input<'_> {
         Ok(n)
     }
 
-    fn expect(&mut self, tag: &[u8]) -> Result<(), TraceDatError> {
+    pub(super) fn expect(&mut self, tag: &[u8]) -> Result<(), TraceDatError> {
         let at = self.pos;
         let n = u64::try_from(tag.len()).unwrap_or(u64::MAX);
         let got = self.bytes(n, n, "section tag")?;
@@ -445,18 +491,18 @@ impl Input<'_> {
         Ok(())
     }
 
-    fn text_u64(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+    pub(super) fn text_u64(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
         let n = self.u64()?;
         self.bytes(n, cap, what)
     }
 
-    fn text_u32(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
+    pub(super) fn text_u32(&mut self, cap: u64, what: &str) -> Result<Vec<u8>, TraceDatError> {
         let n = u64::from(self.u32()?);
         self.bytes(n, cap, what)
     }
 
     /// A NUL-terminated string of at most `max` bytes before the NUL.
-    fn c_string(&mut self, max: usize, what: &str) -> Result<Vec<u8>, TraceDatError> {
+    pub(super) fn c_string(&mut self, max: usize, what: &str) -> Result<Vec<u8>, TraceDatError> {
         let mut s = Vec::new();
         loop {
             let byte = self.u8()?;
@@ -470,12 +516,16 @@ impl Input<'_> {
         }
     }
 
-    fn utf8(&self, bytes: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
+    pub(super) fn utf8(&self, bytes: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
         String::from_utf8(bytes).map_err(|_| self.corrupt(format!("{what} is not UTF-8")))
     }
 
     /// An option's text without its terminating NUL.
-    fn option_text(&self, mut data: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
+    pub(super) fn option_text(
+        &self,
+        mut data: Vec<u8>,
+        what: &str,
+    ) -> Result<String, TraceDatError> {
         if data.last() == Some(&0) {
             data.pop();
         }

@@ -93,7 +93,10 @@ pub fn write_trace_dat(
     })
 }
 
-fn validate(meta: &TraceMeta, cpus: &[CpuData<'_>]) -> Result<PageLayout, TraceDatError> {
+pub(super) fn validate(
+    meta: &TraceMeta,
+    cpus: &[CpuData<'_>],
+) -> Result<PageLayout, TraceDatError> {
     let invalid = |what: String| Err(TraceDatError::InvalidMeta(what));
     let layout = PageLayout::from_meta(meta)?;
     if cpus.is_empty() {
@@ -216,6 +219,26 @@ fn write_header<W: Write>(
     h.u32(count_u32(extents.len(), "CPUs")?)?;
 
     h.bytes(b"options  \0")?;
+    write_meta_options(&mut h, meta)?;
+    h.u16(option_id::DONE)?;
+
+    h.bytes(b"flyrecord\0")?;
+    for extent in extents {
+        h.u64(extent.offset)?;
+        h.u64(extent.size)?;
+    }
+    if let Some(clock) = &meta.trace_clock {
+        // trace-cmd reads the clock a second time here whenever option 4 exists.
+        h.text_u64(clock.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The options both versions carry, from `meta`, in `trace-cmd record`'s order.
+pub(super) fn write_meta_options<W: Write>(
+    h: &mut HeaderWriter<'_, W>,
+    meta: &TraceMeta,
+) -> Result<(), TraceDatError> {
     if let Some(uname) = &meta.uname {
         h.string_option(option_id::UNAME, uname)?;
     }
@@ -238,49 +261,38 @@ fn write_header<W: Write>(
     if let Some(shift) = &meta.time_shift {
         h.option(option_id::TIME_SHIFT, &shift.encode())?;
     }
-    h.u16(option_id::DONE)?;
-
-    h.bytes(b"flyrecord\0")?;
-    for extent in extents {
-        h.u64(extent.offset)?;
-        h.u64(extent.size)?;
-    }
-    if let Some(clock) = &meta.trace_clock {
-        // trace-cmd reads the clock a second time here whenever option 4 exists.
-        h.text_u64(clock.as_bytes())?;
-    }
     Ok(())
 }
 
-fn count_u32(n: usize, what: &str) -> Result<u32, TraceDatError> {
+pub(super) fn count_u32(n: usize, what: &str) -> Result<u32, TraceDatError> {
     u32::try_from(n)
         .map_err(|_| TraceDatError::InvalidMeta(format!("{n} {what} do not fit a u32 count")))
 }
 
-struct HeaderWriter<'w, W> {
-    w: &'w mut W,
+pub(super) struct HeaderWriter<'w, W> {
+    pub(super) w: &'w mut W,
 }
 
 impl<W: Write> HeaderWriter<'_, W> {
-    fn bytes(&mut self, bytes: &[u8]) -> Result<(), TraceDatError> {
+    pub(super) fn bytes(&mut self, bytes: &[u8]) -> Result<(), TraceDatError> {
         self.w
             .write_all(bytes)
             .map_err(|e| TraceDatError::io("write the trace.dat header", e))
     }
 
-    fn u16(&mut self, v: u16) -> Result<(), TraceDatError> {
+    pub(super) fn u16(&mut self, v: u16) -> Result<(), TraceDatError> {
         self.bytes(&v.to_le_bytes())
     }
 
-    fn u32(&mut self, v: u32) -> Result<(), TraceDatError> {
+    pub(super) fn u32(&mut self, v: u32) -> Result<(), TraceDatError> {
         self.bytes(&v.to_le_bytes())
     }
 
-    fn u64(&mut self, v: u64) -> Result<(), TraceDatError> {
+    pub(super) fn u64(&mut self, v: u64) -> Result<(), TraceDatError> {
         self.bytes(&v.to_le_bytes())
     }
 
-    fn text_u64(&mut self, text: &[u8]) -> Result<(), TraceDatError> {
+    pub(super) fn text_u64(&mut self, text: &[u8]) -> Result<(), TraceDatError> {
         let len = u64::try_from(text.len()).map_err(|_| {
             TraceDatError::InvalidMeta(format!("a text of {} bytes is too long", text.len()))
         })?;
@@ -288,7 +300,7 @@ impl<W: Write> HeaderWriter<'_, W> {
         self.bytes(text)
     }
 
-    fn text_u32(&mut self, text: &[u8], what: &str) -> Result<(), TraceDatError> {
+    pub(super) fn text_u32(&mut self, text: &[u8], what: &str) -> Result<(), TraceDatError> {
         let len = u32::try_from(text.len()).map_err(|_| {
             TraceDatError::InvalidMeta(format!(
                 "{what} has {} bytes; trace.dat stores its length in 32 bits",
@@ -299,7 +311,7 @@ impl<W: Write> HeaderWriter<'_, W> {
         self.bytes(text)
     }
 
-    fn option(&mut self, id: u16, data: &[u8]) -> Result<(), TraceDatError> {
+    pub(super) fn option(&mut self, id: u16, data: &[u8]) -> Result<(), TraceDatError> {
         let size = u32::try_from(data.len()).map_err(|_| {
             TraceDatError::InvalidMeta(format!("option {id} of {} bytes is too long", data.len()))
         })?;
@@ -309,7 +321,7 @@ impl<W: Write> HeaderWriter<'_, W> {
     }
 
     /// A text option with its terminating NUL: trace-cmd runs C string functions on it.
-    fn string_option(&mut self, id: u16, text: &str) -> Result<(), TraceDatError> {
+    pub(super) fn string_option(&mut self, id: u16, text: &str) -> Result<(), TraceDatError> {
         let mut data = Vec::with_capacity(text.len() + 1);
         data.extend_from_slice(text.as_bytes());
         data.push(0);
@@ -318,14 +330,14 @@ impl<W: Write> HeaderWriter<'_, W> {
 }
 
 #[derive(Default)]
-struct Copied {
-    in_kernel: u64,
-    in_user: u64,
+pub(super) struct Copied {
+    pub(super) in_kernel: u64,
+    pub(super) in_user: u64,
 }
 
 /// Copies `data.len` bytes from offset 0 of `data.file` to `out` at `out_offset`, with
 /// `copy_file_range` where the file systems allow it and through a buffer where they do not.
-fn copy_pages(
+pub(super) fn copy_pages(
     cpu: usize,
     data: &CpuData<'_>,
     out: &File,
