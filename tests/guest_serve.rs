@@ -386,6 +386,16 @@ fn guests_record_through_serve_which_survives_restarts_lends_to_trace_and_finish
     let lost = serve.count("libvirt-lost", None);
     let reconnected = serve.count("libvirt-connected", None);
     restart_libvirtd();
+    // The test's own handles died with the old daemon: take new ones, or the domains would
+    // outlive the test.
+    for vm in [&mut a, &mut b] {
+        vm.vm.hv = common::hypervisor();
+        vm.vm.dom = vm
+            .vm
+            .hv
+            .lookup(&vm.vm.name)
+            .expect("the domain after the restart");
+    }
     serve.wait_event("libvirt-lost", None, lost, EVENT_TIMEOUT);
     serve.wait_event("libvirt-connected", None, reconnected, EVENT_TIMEOUT);
     b.record("-e sched --duration 2 -o after-libvirtd-restart")

@@ -257,11 +257,29 @@ impl Drop for TestVm {
             eprintln!("TVCTL_KEEP_VM: leaving {} defined", self.name);
             return;
         }
-        if self.dom.is_active().unwrap_or(false) {
-            let _ = self.dom.destroy();
-        }
-        let _ = self.dom.undefine();
+        self.destroy_and_undefine();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestVm {
+    /// Destroys and undefines the domain, through a fresh connection if this one died (a test
+    /// restarted libvirtd): a domain left running would slow every later test down.
+    fn destroy_and_undefine(&self) {
+        let gone = |dom: &Dom| {
+            if dom.is_active().unwrap_or(false) {
+                let _ = dom.destroy();
+            }
+            dom.undefine().is_ok()
+        };
+        if gone(&self.dom) {
+            return;
+        }
+        if let Ok(hv) = Hypervisor::connect(URI) {
+            if let Ok(dom) = hv.lookup(&self.name) {
+                gone(&dom);
+            }
+        }
     }
 }
 
@@ -321,10 +339,7 @@ impl TestVm {
         if self.keep {
             return;
         }
-        if self.dom.is_active().unwrap_or(false) {
-            let _ = self.dom.destroy();
-        }
-        let _ = self.dom.undefine();
+        self.destroy_and_undefine();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
