@@ -248,17 +248,32 @@ fn cpu_extent_beyond_the_file_is_an_error() {
 }
 
 #[test]
-fn version_7_is_unsupported_with_a_hint() {
+fn a_version_6_body_labelled_7_is_refused_not_misread() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = sample_file(dir.path());
     data[10] = b'7';
     let path = dir.path().join("v7.dat");
     fs::write(&path, &data).unwrap();
 
+    // Version 7 expects a compression name where version 6 has "header_page".
     let err = TraceDatFile::open(&path).unwrap_err();
 
     assert!(matches!(err, TraceDatError::Unsupported(_)), "{err}");
-    assert!(err.to_string().contains("trace-cmd convert"), "{err}");
+    assert!(err.to_string().contains("compression"), "{err}");
+}
+
+#[test]
+fn version_8_is_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = sample_file(dir.path());
+    data[10] = b'8';
+    let path = dir.path().join("v8.dat");
+    fs::write(&path, &data).unwrap();
+
+    let err = TraceDatFile::open(&path).unwrap_err();
+
+    assert!(matches!(err, TraceDatError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("version"), "{err}");
 }
 
 #[test]
