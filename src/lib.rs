@@ -8,6 +8,7 @@
 //! - [`proto`]: wire format shared by host and agent: frames, messages, limits.
 //! - [`agent`]: guest side: tracefs control, per-CPU splice pumps, control loop.
 //! - [`tracedat`]: trace.dat v6 writer/reader and ring-buffer page parsing.
+//! - [`sigcount`]: SIGINT/SIGTERM counted, so waits can stop gracefully, then give up.
 //! - [`zerocopy`]: splice(2) through a pipe, shared by the agent and the collector.
 //! - `domxml` (host): pure edits of libvirt domain XML (our channels), no I/O.
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
@@ -24,6 +25,7 @@
 pub mod agent;
 pub mod collect;
 pub mod proto;
+pub mod sigcount;
 pub mod tracedat;
 pub mod zerocopy;
 

@@ -14,7 +14,6 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::proto::{ErrorCode, FrameDecoder, Message, RecordDone, RecordOffer, PROTOCOL_VERSION};
@@ -106,25 +105,6 @@ pub fn parse(args: &[String]) -> Result<RecordArgs, String> {
     Ok(out)
 }
 
-static SIGNALS: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
-}
-
-fn catch_signals() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only does an atomic add, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &action) };
-    }
-}
-
 fn say(msg: &str) {
     eprintln!("tvctl-agent record: {msg}");
 }
@@ -145,7 +125,7 @@ pub fn run(args: &[String]) -> RecordExit {
             };
         }
     };
-    catch_signals();
+    crate::sigcount::install();
     let path = super::local::socket_path();
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -201,7 +181,7 @@ pub fn run(args: &[String]) -> RecordExit {
             (true, None) => "Ctrl-C stops".to_string(),
         }
     ));
-    let seen = SIGNALS.load(Ordering::SeqCst);
+    let seen = crate::sigcount::count();
     let mut child = if args.command.is_empty() {
         None
     } else {
@@ -221,7 +201,7 @@ pub fn run(args: &[String]) -> RecordExit {
     let mut status = None;
     // Record until the command ends, the duration passes, Ctrl-C, or the host stops.
     loop {
-        if command_failed_to_start || SIGNALS.load(Ordering::SeqCst) > seen {
+        if command_failed_to_start || crate::sigcount::count() > seen {
             break;
         }
         if args.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -255,10 +235,10 @@ pub fn run(args: &[String]) -> RecordExit {
         say(&format!("cannot ask tvctl-agent to stop: {e}"));
         return RecordExit::Internal;
     }
-    let seen = SIGNALS.load(Ordering::SeqCst);
+    let seen = crate::sigcount::count();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        if SIGNALS.load(Ordering::SeqCst) > seen {
+        if crate::sigcount::count() > seen {
             say("interrupted while the host wrote the file; it may still be written");
             reap(child.take());
             return RecordExit::Interrupted;
@@ -384,14 +364,14 @@ impl Conn {
     /// The next message within `timeout`; a signal ends the wait when `interruptible`.
     fn wait(&mut self, timeout: Duration, interruptible: bool) -> Wait {
         let deadline = Instant::now() + timeout;
-        let seen = SIGNALS.load(Ordering::SeqCst);
+        let seen = crate::sigcount::count();
         loop {
             match self.decoder.next_message() {
                 Ok(Some((_, m))) => return Wait::Message(m),
                 Ok(None) => {}
                 Err(e) => return Wait::Broken(e.to_string()),
             }
-            if interruptible && SIGNALS.load(Ordering::SeqCst) > seen {
+            if interruptible && crate::sigcount::count() > seen {
                 return Wait::Interrupted;
             }
             let left = deadline.saturating_duration_since(Instant::now());

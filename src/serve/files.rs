@@ -30,29 +30,30 @@ pub fn sanitize_name(name: &str) -> String {
 
 /// `YYYYMMDDTHHMMSSZ` for `t`.
 pub fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let (y, m, d, hh, mm, ss, _) = utc_fields(t);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339) for log lines.
 pub fn rfc3339(t: SystemTime) -> String {
+    let (y, m, d, hh, mm, ss, ms) = utc_fields(t);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z")
+}
+
+/// (year, month, day, hour, minute, second, millisecond) of `t` in UTC.
+fn utc_fields(t: SystemTime) -> (i64, u32, u32, u64, u64, u64, u32) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
     let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+    (
+        y,
+        m,
+        day,
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
-        d.subsec_millis()
+        d.subsec_millis(),
     )
 }
 

@@ -21,7 +21,7 @@ pub mod timeline; // several domains and the host: one clock-corrected timeline
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,28 +269,13 @@ pub struct TraceOutcome {
     pub summary: TraceSummary,
 }
 
-static SIGNALS: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
-}
-
 /// Counts SIGINT/SIGTERM instead of dying, for the life of the process.
 pub(crate) fn install_signal_counter() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only does an atomic add, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &action) };
-    }
+    crate::sigcount::install();
 }
 
 pub(crate) fn signals() -> u32 {
-    SIGNALS.load(Ordering::SeqCst)
+    crate::sigcount::count()
 }
 
 /// What every wait of a recording asks: should it go on, and, when the control channel

@@ -300,42 +300,9 @@ fn parse(input: &mut Input<BufReader<&File>>, file: &File) -> Result<Parsed, Tra
             let size = u64::from(input.u32()?);
             let data_at = input.pos;
             let data = input.bytes(size, MAX_OPTION_SIZE, "option")?;
-            let bad = |e: SyncOptionError| input.corrupt_at(data_at, e.to_string());
-            let twice = |name: &str| input.corrupt_at(data_at, format!("a second {name} option"));
-            match id {
-                option_id::UNAME => meta.uname = Some(input.option_text(data, "UNAME")?),
-                option_id::TRACECLOCK => {
-                    has_clock_option = true;
-                    meta.trace_clock = Some(input.option_text(data, "TRACECLOCK")?);
-                }
-                option_id::TRACEID => {
-                    let bytes: [u8; 8] = data
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| input.corrupt(format!("TRACEID of {size} bytes, not 8")))?;
-                    meta.trace_id = Some(u64::from_le_bytes(bytes));
-                }
-                option_id::CPUSTAT => meta.cpu_stats.push(input.option_text(data, "CPUSTAT")?),
-                option_id::GUEST => meta.guests.push(GuestOption::decode(&data).map_err(bad)?),
-                option_id::TIME_SHIFT => {
-                    let shift = TimeShift::decode(&data).map_err(bad)?;
-                    if shift.cpus().len() != ncpus {
-                        return Err(bad(SyncOptionError::TimeShiftCpuCount {
-                            option: shift.cpus().len(),
-                            file: ncpus,
-                        }));
-                    }
-                    if meta.time_shift.replace(shift).is_some() {
-                        return Err(twice("TIME_SHIFT"));
-                    }
-                }
-                option_id::TSC2NSEC => {
-                    let tsc2nsec = Tsc2Nsec::decode(&data).map_err(bad)?;
-                    if meta.tsc2nsec.replace(tsc2nsec).is_some() {
-                        return Err(twice("TSC2NSEC"));
-                    }
-                }
-                _ => other_options.push((id, data)),
+            has_clock_option |= id == option_id::TRACECLOCK;
+            if let Some(data) = meta_option(&mut meta, id, data, data_at)? {
+                other_options.push((id, data));
             }
         }
         tag = input.bytes(10, 10, "section tag")?;
@@ -381,16 +348,7 @@ fn parse(input: &mut Input<BufReader<&File>>, file: &File) -> Result<Parsed, Tra
         )));
     }
 
-    let layout = PageLayout::from_meta(&meta)?;
-    if layout.long_size() != usize::from(long_size) {
-        return Err(input.corrupt_at(
-            13,
-            format!(
-                "sizeof(long) is {long_size} but header_page's commit has {} bytes",
-                layout.long_size()
-            ),
-        ));
-    }
+    let layout = checked_layout(&meta, ncpus, long_size)?;
     Ok(Parsed {
         meta,
         layout,
@@ -398,6 +356,91 @@ fn parse(input: &mut Input<BufReader<&File>>, file: &File) -> Result<Parsed, Tra
         other_options,
         chunks: None,
     })
+}
+
+/// Files one option into `meta` (UNAME, TRACECLOCK, TRACEID, CPUSTAT, GUEST, TIME_SHIFT,
+/// TSC2NSEC: the same in both versions); gives back the data of any other option. `at` is
+/// where the option's data starts, for errors.
+pub(super) fn meta_option(
+    meta: &mut TraceMeta,
+    id: u16,
+    data: Vec<u8>,
+    at: u64,
+) -> Result<Option<Vec<u8>>, TraceDatError> {
+    let corrupt = |what: String| TraceDatError::Corrupt { offset: at, what };
+    let bad = |e: SyncOptionError| corrupt(e.to_string());
+    let twice = |name: &str| corrupt(format!("a second {name} option"));
+    let text = |data: Vec<u8>, what: &str| -> Result<String, TraceDatError> {
+        let mut data = data;
+        if data.last() == Some(&0) {
+            data.pop();
+        }
+        if data.contains(&0) {
+            return Err(corrupt(format!(
+                "{what} option holds a NUL inside its text"
+            )));
+        }
+        String::from_utf8(data).map_err(|_| corrupt(format!("{what} is not UTF-8")))
+    };
+    match id {
+        option_id::UNAME => meta.uname = Some(text(data, "UNAME")?),
+        option_id::TRACECLOCK => meta.trace_clock = Some(text(data, "TRACECLOCK")?),
+        option_id::TRACEID => {
+            let bytes: [u8; 8] = data
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt(format!("TRACEID of {} bytes, not 8", data.len())))?;
+            meta.trace_id = Some(u64::from_le_bytes(bytes));
+        }
+        option_id::CPUSTAT => meta.cpu_stats.push(text(data, "CPUSTAT")?),
+        option_id::GUEST => meta.guests.push(GuestOption::decode(&data).map_err(bad)?),
+        option_id::TIME_SHIFT => {
+            let shift = TimeShift::decode(&data).map_err(bad)?;
+            if meta.time_shift.replace(shift).is_some() {
+                return Err(twice("TIME_SHIFT"));
+            }
+        }
+        option_id::TSC2NSEC => {
+            let tsc2nsec = Tsc2Nsec::decode(&data).map_err(bad)?;
+            if meta.tsc2nsec.replace(tsc2nsec).is_some() {
+                return Err(twice("TSC2NSEC"));
+            }
+        }
+        _ => return Ok(Some(data)),
+    }
+    Ok(None)
+}
+
+/// The page layout of `meta`, once it agrees with the file: a TIME_SHIFT option with one
+/// sample list per CPU, and header_page's `commit` as wide as the file's sizeof(long).
+pub(super) fn checked_layout(
+    meta: &TraceMeta,
+    ncpus: usize,
+    long_size: u8,
+) -> Result<PageLayout, TraceDatError> {
+    if let Some(shift) = &meta.time_shift {
+        if shift.cpus().len() != ncpus {
+            let e = SyncOptionError::TimeShiftCpuCount {
+                option: shift.cpus().len(),
+                file: ncpus,
+            };
+            return Err(TraceDatError::Corrupt {
+                offset: 0,
+                what: e.to_string(),
+            });
+        }
+    }
+    let layout = PageLayout::from_meta(meta)?;
+    if layout.long_size() != usize::from(long_size) {
+        return Err(TraceDatError::Corrupt {
+            offset: 13,
+            what: format!(
+                "sizeof(long) is {long_size} but header_page's commit has {} bytes",
+                layout.long_size()
+            ),
+        });
+    }
+    Ok(layout)
 }
 
 /// A bounded cursor over the file (or over a section's payload).
@@ -518,20 +561,5 @@ impl<R: Read> Input<R> {
 
     pub(super) fn utf8(&self, bytes: Vec<u8>, what: &str) -> Result<String, TraceDatError> {
         String::from_utf8(bytes).map_err(|_| self.corrupt(format!("{what} is not UTF-8")))
-    }
-
-    /// An option's text without its terminating NUL.
-    pub(super) fn option_text(
-        &self,
-        mut data: Vec<u8>,
-        what: &str,
-    ) -> Result<String, TraceDatError> {
-        if data.last() == Some(&0) {
-            data.pop();
-        }
-        if data.contains(&0) {
-            return Err(self.corrupt(format!("{what} option holds a NUL inside its text")));
-        }
-        self.utf8(data, what)
     }
 }

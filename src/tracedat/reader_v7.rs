@@ -12,15 +12,11 @@ use std::fs::File;
 use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 
-use super::page::PageLayout;
 use super::reader::{
-    Chunk, Input, Parsed, MAX_CMDLINES, MAX_FORMATS, MAX_FORMAT_TEXT, MAX_HEADER_TEXT,
-    MAX_KALLSYMS, MAX_OPTIONS, MAX_PRINTK_FORMATS, MAX_SYSTEM_NAME,
+    checked_layout, meta_option, Chunk, Input, Parsed, MAX_CMDLINES, MAX_FORMATS, MAX_FORMAT_TEXT,
+    MAX_HEADER_TEXT, MAX_KALLSYMS, MAX_OPTIONS, MAX_PRINTK_FORMATS, MAX_SYSTEM_NAME,
 };
-use super::{
-    option_id, CpuExtent, GuestOption, SyncOptionError, TimeShift, TraceDatError, TraceMeta,
-    Tsc2Nsec, MAX_CPUS, MAX_OPTION_SIZE,
-};
+use super::{option_id, CpuExtent, TraceDatError, TraceMeta, MAX_CPUS, MAX_OPTION_SIZE};
 
 const OPTIONS: u16 = 0;
 const BUFFER: u16 = 3;
@@ -106,7 +102,6 @@ pub(super) fn parse(
             if other_options.len() + meta.cpu_stats.len() + buffers.len() >= MAX_OPTIONS {
                 return Err(corrupt(0, format!("more than {MAX_OPTIONS} options")));
             }
-            let bad = |e: SyncOptionError| corrupt(0, e.to_string());
             let twice = |name: &str| corrupt(0, format!("a second {name} option"));
             match id {
                 HEADER_INFO | FTRACE_EVENTS | EVENT_FORMATS | KALLSYMS | PRINTK | CMDLINES => {
@@ -126,32 +121,11 @@ pub(super) fn parse(
                         .map_err(|_| corrupt(0, "CPUCOUNT is not 4 bytes"))?;
                     cpu_count = Some(u32::from_le_bytes(bytes));
                 }
-                option_id::UNAME => meta.uname = Some(opts.option_text(data, "UNAME")?),
-                option_id::TRACECLOCK => {
-                    meta.trace_clock = Some(opts.option_text(data, "TRACECLOCK")?);
-                }
-                option_id::TRACEID => {
-                    let bytes: [u8; 8] = data
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| corrupt(0, "TRACEID is not 8 bytes"))?;
-                    meta.trace_id = Some(u64::from_le_bytes(bytes));
-                }
-                option_id::CPUSTAT => meta.cpu_stats.push(opts.option_text(data, "CPUSTAT")?),
-                option_id::GUEST => meta.guests.push(GuestOption::decode(&data).map_err(bad)?),
-                option_id::TIME_SHIFT => {
-                    let shift = TimeShift::decode(&data).map_err(bad)?;
-                    if meta.time_shift.replace(shift).is_some() {
-                        return Err(twice("TIME_SHIFT"));
+                _ => {
+                    if let Some(data) = meta_option(&mut meta, id, data, 0)? {
+                        other_options.push((id, data));
                     }
                 }
-                option_id::TSC2NSEC => {
-                    let t = Tsc2Nsec::decode(&data).map_err(bad)?;
-                    if meta.tsc2nsec.replace(t).is_some() {
-                        return Err(twice("TSC2NSEC"));
-                    }
-                }
-                _ => other_options.push((id, data)),
             }
         }
     }
@@ -289,28 +263,7 @@ pub(super) fn parse(
             cpus[idx] = CpuExtent { offset, size };
         }
     }
-    if let Some(shift) = &meta.time_shift {
-        if shift.cpus().len() != ncpus {
-            return Err(corrupt(
-                0,
-                SyncOptionError::TimeShiftCpuCount {
-                    option: shift.cpus().len(),
-                    file: ncpus,
-                }
-                .to_string(),
-            ));
-        }
-    }
-    let layout = PageLayout::from_meta(&meta)?;
-    if layout.long_size() != usize::from(long_size) {
-        return Err(corrupt(
-            13,
-            format!(
-                "sizeof(long) is {long_size} but header_page's commit has {} bytes",
-                layout.long_size()
-            ),
-        ));
-    }
+    let layout = checked_layout(&meta, ncpus, long_size)?;
     Ok(Parsed {
         meta,
         layout,

@@ -199,19 +199,8 @@ fn write_header<W: Write>(
     h.bytes(b"header_event\0")?;
     h.text_u64(&meta.header_event)?;
 
-    h.u32(count_u32(meta.ftrace_formats.len(), "ftrace formats")?)?;
-    for format in &meta.ftrace_formats {
-        h.text_u64(format)?;
-    }
-    h.u32(count_u32(meta.event_systems.len(), "event systems")?)?;
-    for (system, formats) in &meta.event_systems {
-        h.bytes(system.as_bytes())?;
-        h.bytes(b"\0")?;
-        h.u32(count_u32(formats.len(), "event formats of one system")?)?;
-        for format in formats {
-            h.text_u64(format)?;
-        }
-    }
+    write_ftrace_formats(&mut h, meta)?;
+    write_event_formats(&mut h, meta)?;
 
     h.text_u32(&meta.kallsyms, "kallsyms")?;
     h.text_u32(&meta.printk_formats, "printk_formats")?;
@@ -230,6 +219,35 @@ fn write_header<W: Write>(
     if let Some(clock) = &meta.trace_clock {
         // trace-cmd reads the clock a second time here whenever option 4 exists.
         h.text_u64(clock.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `u32 count, {u64 length, format}…` of the ftrace formats (both versions).
+pub(super) fn write_ftrace_formats<W: Write>(
+    h: &mut HeaderWriter<'_, W>,
+    meta: &TraceMeta,
+) -> Result<(), TraceDatError> {
+    h.u32(count_u32(meta.ftrace_formats.len(), "ftrace formats")?)?;
+    for format in &meta.ftrace_formats {
+        h.text_u64(format)?;
+    }
+    Ok(())
+}
+
+/// `u32 systems, {name\0, u32 count, {u64 length, format}…}…` (both versions).
+pub(super) fn write_event_formats<W: Write>(
+    h: &mut HeaderWriter<'_, W>,
+    meta: &TraceMeta,
+) -> Result<(), TraceDatError> {
+    h.u32(count_u32(meta.event_systems.len(), "event systems")?)?;
+    for (system, formats) in &meta.event_systems {
+        h.bytes(system.as_bytes())?;
+        h.bytes(b"\0")?;
+        h.u32(count_u32(formats.len(), "event formats of one system")?)?;
+        for format in formats {
+            h.text_u64(format)?;
+        }
     }
     Ok(())
 }

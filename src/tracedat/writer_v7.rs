@@ -11,7 +11,10 @@ use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
-use super::writer::{copy_pages, count_u32, validate, write_meta_options, Copied, HeaderWriter};
+use super::writer::{
+    copy_pages, count_u32, validate, write_event_formats, write_ftrace_formats, write_meta_options,
+    Copied, HeaderWriter,
+};
 use super::{option_id, CpuData, CpuExtent, TraceDatError, TraceMeta, WriteSummary, MAGIC};
 
 /// Section ids (the option that points at a section has the same id).
@@ -84,26 +87,9 @@ pub fn write_trace_dat_v7(
         h.text_u64(&meta.header_event)?;
     }
     sections.push((section::HEADER_INFO, std::mem::take(&mut body)));
-    {
-        let mut h = HeaderWriter { w: &mut body };
-        h.u32(count_u32(meta.ftrace_formats.len(), "ftrace formats")?)?;
-        for format in &meta.ftrace_formats {
-            h.text_u64(format)?;
-        }
-    }
+    write_ftrace_formats(&mut HeaderWriter { w: &mut body }, meta)?;
     sections.push((section::FTRACE_EVENTS, std::mem::take(&mut body)));
-    {
-        let mut h = HeaderWriter { w: &mut body };
-        h.u32(count_u32(meta.event_systems.len(), "event systems")?)?;
-        for (system, formats) in &meta.event_systems {
-            h.bytes(system.as_bytes())?;
-            h.bytes(b"\0")?;
-            h.u32(count_u32(formats.len(), "event formats of one system")?)?;
-            for format in formats {
-                h.text_u64(format)?;
-            }
-        }
-    }
+    write_event_formats(&mut HeaderWriter { w: &mut body }, meta)?;
     sections.push((section::EVENT_FORMATS, std::mem::take(&mut body)));
     HeaderWriter { w: &mut body }.text_u32(&meta.kallsyms, "kallsyms")?;
     sections.push((section::KALLSYMS, std::mem::take(&mut body)));
