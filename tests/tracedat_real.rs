@@ -593,9 +593,23 @@ fn write_capture_v7(capture: &Capture, dir: &Path, compression: Compression) -> 
 fn version_7_files_report_exactly_what_version_6_reports_and_zstd_is_smaller() {
     let capture = capture();
     let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
     let (v6, _) = write_capture(capture, dir.path());
+    let v6_took = t.elapsed();
+    let t = std::time::Instant::now();
     let zstd = write_capture_v7(capture, dir.path(), Compression::Zstd);
+    let zstd_took = t.elapsed();
     let none = write_capture_v7(capture, dir.path(), Compression::None);
+    let pages: usize = capture.cpu_data.iter().map(Vec::len).sum();
+    // For docs/BENCHMARKS.md (run with --release -- --nocapture); not asserted.
+    eprintln!(
+        "v7 write: {:.1} MB of pages; v6 {:?}, {} bytes; v7 zstd {:?}, {} bytes",
+        pages as f64 / 1e6,
+        v6_took,
+        fs::metadata(&v6).unwrap().len(),
+        zstd_took,
+        fs::metadata(&zstd).unwrap().len()
+    );
 
     let want = report(&v6, &[]);
     assert!(want.lines().count() > 10, "{want}");
