@@ -5,6 +5,9 @@
 #   - tvctl-agent, statically linked, appended as a second cpio archive (the kernel unpacks
 #     concatenated archives in order, so only this small part changes when the agent does).
 # Output: $TVCTL_GUEST_DIR (default /var/lib/libvirt/images/tvctl): vmlinuz, initrd.img, kernel-release.
+# With TVCTL_GUEST_PEER=1 it also writes initrd-peer.img (for scripts/bench-peer.sh): the same
+# archives plus one more with the host's /usr/bin/trace-cmd, the shared libraries `ldd` lists
+# for it (at their paths) and the virtio_net modules. initrd.img is written exactly as without it.
 # The cache in .cache/guest keeps the downloaded kernel; delete it to fetch a newer one.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,6 +34,19 @@ if [ ! -f "$cache/kernel/ok" ]; then
 fi
 kver=$(ls "$cache/kernel/lib/modules")
 
+# Copies module $1 of the cached kernel, decompressed, to $2/$1.ko.
+copy_module() {
+  local f
+  f=$(find "$cache/kernel/lib/modules/$kver" -name "$1.ko*" | head -n1)
+  [ -n "$f" ] || { echo "build-guest: module $1 not in $kver" >&2; exit 1; }
+  case "$f" in
+    *.ko) cp "$f" "$2/$1.ko" ;;
+    *.ko.xz) xz -dc "$f" > "$2/$1.ko" ;;
+    *.ko.zst) zstd -qdc "$f" > "$2/$1.ko" ;;
+    *) echo "build-guest: unknown module format $f" >&2; exit 1 ;;
+  esac
+}
+
 # 2. The base initramfs: busybox, modules, init. Rebuilt when init changes.
 base="$cache/base.cpio.gz"
 if [ ! -f "$base" ] || [ "$top/guest/init" -nt "$base" ] || [ "$0" -nt "$base" ]; then
@@ -39,14 +55,7 @@ if [ ! -f "$base" ] || [ "$top/guest/init" -nt "$base" ] || [ "$0" -nt "$base" ]
   mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib/modules}
   cp /bin/busybox "$root/bin/busybox"
   for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console; do
-    f=$(find "$cache/kernel/lib/modules/$kver" -name "$m.ko*" | head -n1)
-    [ -n "$f" ] || { echo "build-guest: module $m not in $kver" >&2; exit 1; }
-    case "$f" in
-      *.ko) cp "$f" "$root/lib/modules/$m.ko" ;;
-      *.ko.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
-      *.ko.zst) zstd -qdc "$f" > "$root/lib/modules/$m.ko" ;;
-      *) echo "build-guest: unknown module format $f" >&2; exit 1 ;;
-    esac
+    copy_module "$m" "$root/lib/modules"
   done
   install -m 0755 "$top/guest/init" "$root/init"
   (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1 > "$base.tmp")
@@ -81,3 +90,33 @@ mv "$out/initrd.img.tmp" "$out/initrd.img"
 echo "$kver" > "$out/kernel-release"
 chmod 0755 "$out"
 echo "build-guest: $out/vmlinuz ($kver) and $out/initrd.img ready"
+
+# 5. TVCTL_GUEST_PEER=1: initrd-peer.img = the archives above + trace-cmd and networking.
+if [ "${TVCTL_GUEST_PEER:-}" = 1 ]; then
+  tc=/usr/bin/trace-cmd
+  [ -x "$tc" ] || { echo "build-guest: $tc missing (apt-get install trace-cmd)" >&2; exit 1; }
+  ldd_tc=$(LC_ALL=C ldd "$tc")
+  if grep -q "not found" <<<"$ldd_tc"; then
+    echo "build-guest: ldd $tc: a library is missing:" >&2
+    echo "$ldd_tc" >&2
+    exit 1
+  fi
+  # "name => /path (addr)" and "/path (addr)" lines; linux-vdso has no file.
+  libs=$( (awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$ldd_tc"; echo /lib64/ld-linux-x86-64.so.2) | LC_ALL=C sort -u)
+  proot="$cache/peer-root"
+  rm -rf "$proot"
+  mkdir -p "$proot/usr/bin" "$proot/lib/modules"
+  install -m 0755 "$tc" "$proot/usr/bin/trace-cmd"
+  for l in $libs; do
+    mkdir -p "$proot$(dirname "$l")"
+    cp -L "$l" "$proot$l"
+  done
+  for m in failover net_failover virtio_net; do
+    copy_module "$m" "$proot/lib/modules"
+  done
+  (cd "$proot" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1 > "$cache/peer.cpio.gz")
+  cat "$base" "$cache/agent.cpio.gz" "$cache/peer.cpio.gz" > "$out/initrd-peer.img.tmp"
+  chmod 0644 "$out/initrd-peer.img.tmp"
+  mv "$out/initrd-peer.img.tmp" "$out/initrd-peer.img"
+  echo "build-guest: $out/initrd-peer.img ready (trace-cmd and" $libs "; failover net_failover virtio_net)"
+fi
