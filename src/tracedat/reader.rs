@@ -20,9 +20,9 @@ use std::path::Path;
 // The same caps as the protocol's (src/proto/limits.rs): a file tvctl wrote is always one it
 // can read back.
 pub(super) const MAX_HEADER_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
-pub(super) const MAX_FORMAT_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
-pub(super) const MAX_FORMATS: u32 = 1 << 16;
-pub(super) const MAX_SYSTEM_NAME: usize = 256;
+const MAX_FORMAT_TEXT: u64 = crate::proto::limits::MAX_EVENT_FORMAT;
+const MAX_FORMATS: u32 = 1 << 16;
+const MAX_SYSTEM_NAME: usize = 256;
 pub(super) const MAX_KALLSYMS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
 pub(super) const MAX_PRINTK_FORMATS: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
 pub(super) const MAX_CMDLINES: u64 = crate::proto::limits::MAX_SYMBOL_METADATA;
@@ -260,22 +260,8 @@ fn parse(input: &mut Input<BufReader<&File>>, file: &File) -> Result<Parsed, Tra
     input.expect(b"header_event\0")?;
     meta.header_event = input.text_u64(MAX_HEADER_TEXT, "header_event")?;
 
-    let count = input.count(MAX_FORMATS, "ftrace formats")?;
-    for _ in 0..count {
-        meta.ftrace_formats
-            .push(input.text_u64(MAX_FORMAT_TEXT, "ftrace format")?);
-    }
-    let systems = input.count(MAX_FORMATS, "event systems")?;
-    for _ in 0..systems {
-        let name = input.c_string(MAX_SYSTEM_NAME, "event system name")?;
-        let name = input.utf8(name, "event system name")?;
-        let count = input.count(MAX_FORMATS, "event formats")?;
-        let mut formats = Vec::new();
-        for _ in 0..count {
-            formats.push(input.text_u64(MAX_FORMAT_TEXT, "event format")?);
-        }
-        meta.event_systems.push((name, formats));
-    }
+    meta.ftrace_formats = input.ftrace_formats()?;
+    meta.event_systems = input.event_formats()?;
     meta.kallsyms = input.text_u32(MAX_KALLSYMS, "kallsyms")?;
     meta.printk_formats = input.text_u32(MAX_PRINTK_FORMATS, "printk_formats")?;
     meta.saved_cmdlines = input.text_u64(MAX_CMDLINES, "saved_cmdlines")?;
@@ -443,6 +429,9 @@ pub(super) fn checked_layout(
     Ok(layout)
 }
 
+/// System name and its events' formats, as [`TraceMeta::event_systems`] holds them.
+type EventSystems = Vec<(String, Vec<Vec<u8>>)>;
+
 /// A bounded cursor over the file (or over a section's payload).
 pub(super) struct Input<R> {
     pub(super) r: R,
@@ -557,6 +546,30 @@ impl<R: Read> Input<R> {
             }
             s.push(byte);
         }
+    }
+
+    /// `u32 count, {u64 length, format}…`: the ftrace formats (both versions).
+    pub(super) fn ftrace_formats(&mut self) -> Result<Vec<Vec<u8>>, TraceDatError> {
+        let count = self.count(MAX_FORMATS, "ftrace formats")?;
+        (0..count)
+            .map(|_| self.text_u64(MAX_FORMAT_TEXT, "ftrace format"))
+            .collect()
+    }
+
+    /// `u32 systems, {name\0, u32 count, {u64 length, format}…}…` (both versions).
+    pub(super) fn event_formats(&mut self) -> Result<EventSystems, TraceDatError> {
+        let systems = self.count(MAX_FORMATS, "event systems")?;
+        let mut out = Vec::new();
+        for _ in 0..systems {
+            let name = self.c_string(MAX_SYSTEM_NAME, "event system name")?;
+            let name = self.utf8(name, "event system name")?;
+            let count = self.count(MAX_FORMATS, "event formats")?;
+            let formats = (0..count)
+                .map(|_| self.text_u64(MAX_FORMAT_TEXT, "event format"))
+                .collect::<Result<_, _>>()?;
+            out.push((name, formats));
+        }
+        Ok(out)
     }
 
     pub(super) fn utf8(&self, bytes: Vec<u8>, what: &str) -> Result<String, TraceDatError> {

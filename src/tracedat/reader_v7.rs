@@ -13,8 +13,8 @@ use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 
 use super::reader::{
-    checked_layout, meta_option, Chunk, Input, Parsed, MAX_CMDLINES, MAX_FORMATS, MAX_FORMAT_TEXT,
-    MAX_HEADER_TEXT, MAX_KALLSYMS, MAX_OPTIONS, MAX_PRINTK_FORMATS, MAX_SYSTEM_NAME,
+    checked_layout, meta_option, Chunk, Input, Parsed, MAX_CMDLINES, MAX_HEADER_TEXT, MAX_KALLSYMS,
+    MAX_OPTIONS, MAX_PRINTK_FORMATS,
 };
 use super::{option_id, CpuExtent, TraceDatError, TraceMeta, MAX_CPUS, MAX_OPTION_SIZE};
 
@@ -154,26 +154,10 @@ pub(super) fn parse(
     h.expect(b"header_event\0")?;
     meta.header_event = h.text_u64(MAX_HEADER_TEXT, "header_event")?;
     if let Some(payload) = read(FTRACE_EVENTS, MAX_ALL_FORMATS)? {
-        let mut f = bytes_input(&payload);
-        let count = f.count(MAX_FORMATS, "ftrace formats")?;
-        for _ in 0..count {
-            meta.ftrace_formats
-                .push(f.text_u64(MAX_FORMAT_TEXT, "ftrace format")?);
-        }
+        meta.ftrace_formats = bytes_input(&payload).ftrace_formats()?;
     }
     if let Some(payload) = read(EVENT_FORMATS, MAX_ALL_FORMATS)? {
-        let mut f = bytes_input(&payload);
-        let systems = f.count(MAX_FORMATS, "event systems")?;
-        for _ in 0..systems {
-            let name = f.c_string(MAX_SYSTEM_NAME, "event system name")?;
-            let name = f.utf8(name, "event system name")?;
-            let count = f.count(MAX_FORMATS, "event formats")?;
-            let mut formats = Vec::new();
-            for _ in 0..count {
-                formats.push(f.text_u64(MAX_FORMAT_TEXT, "event format")?);
-            }
-            meta.event_systems.push((name, formats));
-        }
+        meta.event_systems = bytes_input(&payload).event_formats()?;
     }
     if let Some(payload) = read(KALLSYMS, MAX_KALLSYMS + 4)? {
         meta.kallsyms = bytes_input(&payload).text_u32(MAX_KALLSYMS, "kallsyms")?;
