@@ -468,3 +468,12 @@ fn version_7_without_compression_has_the_documented_layout() {
     let v6 = write_file(dir.path(), &meta, &[page]);
     assert_eq!(report(&path, &[]), report(&v6, &[]));
 }
+
+/// A version-7 file the fuzzer made whose BUFFER option lists CPU 4294967295: the reader
+/// once overflowed counting CPUs; now it refuses the file.
+#[test]
+fn a_version_7_buffer_naming_cpu_u32_max_is_refused_not_a_panic() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tracedat/fuzz-buffer-cpu-id-u32-max.dat");
+    assert!(TraceDatFile::open(&path).is_err());
+}

@@ -209,7 +209,12 @@ pub(super) fn parse(
     }
     let (compressed, entries) =
         top.ok_or_else(|| corrupt(0, "no BUFFER option: the file has no CPU data"))?;
-    let max_cpu = entries.iter().map(|e| e.0).max().map_or(0, |m| m + 1);
+    // CPU ids come from the file: u32::MAX + 1 must not overflow (a fuzzer finding).
+    let max_cpu = entries
+        .iter()
+        .map(|e| e.0)
+        .max()
+        .map_or(0, |m| m.saturating_add(1));
     let ncpus = cpu_count.unwrap_or(0).max(max_cpu);
     let ncpus = usize::try_from(ncpus)
         .ok()
