@@ -183,6 +183,7 @@ impl TraceArgs {
             boot: !self.no_boot,
             agent_timeout: secs("--agent-timeout", self.agent_timeout)?,
             progress: true,
+            relay_stdout: true,
             max_size: self.max_size,
             file_version: match self.file_version {
                 6 => crate::trace::FileVersion::V6,
@@ -370,6 +371,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Trace(args) => {
             let mut options = args.validate()?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;
+            options.relay_stdout = !config.json;
             let hv = Hypervisor::connect(&config.uri)?;
             let mut doms = Vec::new();
             for spec in &args.domains {

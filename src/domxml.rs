@@ -187,6 +187,9 @@ pub struct OurChannel {
     pub path: Option<String>,
     /// `<source mode=...>`: `bind` for control when all is well.
     pub source_mode: Option<String>,
+    /// `<target state=...>` in a running domain's XML: `connected` when a guest program has
+    /// the port open.
+    pub target_state: Option<String>,
     /// Byte range of the whole `<channel>` element in the XML it was read from.
     pub span: Range<usize>,
 }
@@ -210,6 +213,7 @@ fn our_channel(raw: &RawChannel) -> Option<OurChannel> {
         target_type: raw.target_type.clone(),
         path: raw.source_path.clone(),
         source_mode: raw.source_mode.clone(),
+        target_state: raw.target_state.clone(),
         span: raw.span.clone(),
     })
 }

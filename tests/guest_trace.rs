@@ -274,6 +274,95 @@ fn event_forms_glob_system_and_irq_glob_are_resolved_like_trace_cmd() {
 }
 
 #[test]
+fn guest_command_output_is_relayed_escaped_and_kept_in_the_summary() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.dat");
+    let script = "echo out; echo err >&2; printf 'esc\\033]52;c;eA==\\007\\n'; exit 3";
+
+    // Without --json: the command's stdout on ours, its stderr on ours, escaped.
+    let res = t.tvctl(&[
+        "trace",
+        &t.vm.name,
+        "-o",
+        out.to_str().unwrap(),
+        "-e",
+        "sched:sched_switch",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let log = text(&res);
+    assert_eq!(
+        res.status.code(),
+        Some(0),
+        "{log}\n{}",
+        t.vm.console_report()
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stdout.starts_with("out\nesc\\x1b]52;c;eA==\\x07\n"),
+        "{log}"
+    );
+    assert!(stderr.contains("err\n"), "{log}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{log}"
+    );
+    assert!(stdout.contains("exited with 3"), "{log}");
+
+    // With --json: stdout is the summary alone; the output is in it.
+    let (code, summary, log) = t.trace(
+        &out,
+        &["-e", "sched:sched_switch", "--", "sh", "-c", script],
+    );
+    assert_eq!(code, 0, "{log}");
+    let cmd = &summary["command"];
+    assert_eq!(cmd["exit_status"], 3, "{log}");
+    assert_eq!(cmd["output_relayed"], true);
+    assert_eq!(cmd["stdout"], "out\nesc\\x1b]52;c;eA==\\x07\n");
+    assert_eq!(cmd["stderr"], "err\n");
+    assert_eq!(cmd["stdout_bytes"], 20);
+    assert_eq!(cmd["stderr_bytes"], 4);
+}
+
+#[test]
+fn without_c_the_trace_uses_the_clock_the_guest_kernel_chose() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clock.dat");
+    let (code, summary, log) = t.trace(
+        &out,
+        &[
+            "-e",
+            "sched:sched_switch",
+            "--",
+            "cat",
+            "/sys/kernel/tracing/trace_clock",
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    // The top level's bracketed clock is the kernel's choice (`global` when it found the
+    // TSC unstable); the instance must use it, not the `local` new instances start with.
+    let top = summary["command"]["stdout"].as_str().unwrap().to_string();
+    let chosen = top
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no [clock] in {top:?}"));
+    assert_eq!(summary["clock"], chosen, "{log}");
+    assert_eq!(summary["clock_source"], "guest-default");
+    let (code, summary, log) = t.trace(
+        &out,
+        &["-e", "sched:sched_switch", "-C", "mono", "--duration", "1"],
+    );
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(summary["clock"], "mono");
+    assert_eq!(summary["clock_source"], "option");
+}
+
+#[test]
 fn guest_command_runs_while_tracing_and_its_end_stops_the_trace() {
     let t = shared();
     let dir = tempfile::tempdir().unwrap();

@@ -8,20 +8,23 @@
 //! stop's order is safe for the kernel and every wait in it is bounded (`shutdown` says why,
 //! step by step; [`stop`] holds the bounded waits).
 
+mod command;
 mod stop;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use command::GuestCommand;
 pub use stop::Leftover;
 
 use crate::proto::limits::{MAX_BUFFER_KB, MAX_COMMAND_ARGS, MAX_EVENTS_PER_REQUEST, MAX_TEXT};
 use crate::proto::{
-    CpuStopped, ErrorCode, RecordRequest, Started, StopReason, Stopped, StreamMarker, SyncReply,
+    CommandOutput, CpuStopped, ErrorCode, RecordRequest, Started, StopReason, Stopped,
+    StreamMarker, SyncReply,
 };
 
 use super::ports::PortMap;
@@ -73,7 +76,7 @@ pub struct Recording {
     pumps: Vec<CpuPump>,
     /// Rung once, at stop, so pumps asleep in poll(2) start draining at once.
     waker: Arc<Waker>,
-    command: Option<Child>,
+    command: Option<GuestCommand>,
     command_status: Option<i32>,
     /// The instance's trace clock, as `Started` reported it.
     clock: String,
@@ -88,6 +91,8 @@ pub struct Finished {
     pub cut_short: Vec<String>,
     /// What the stop could not finish within its bounds; the control loop finishes it.
     pub leftover: Option<Leftover>,
+    /// The command's last output, read after it ended (relayed before `Stopped`).
+    pub output: Vec<CommandOutput>,
 }
 
 impl Recording {
@@ -99,6 +104,7 @@ impl Recording {
         online_cpus: u32,
         page_size: u32,
         force_copy: bool,
+        relay_output: bool,
     ) -> Result<(Recording, Started), Refusal> {
         // 1. Validate everything first.
         if req.events.is_empty() {
@@ -156,8 +162,14 @@ impl Recording {
         if let Some(kb) = req.buffer_kb {
             instance.set_buffer_kb(kb)?;
         }
-        if let Some(clock) = &req.clock {
-            instance.set_clock(clock)?;
+        // Without a clock in the request, the instance takes the top level's: the kernel's own
+        // choice (it switches its default to `global` when it finds the TSC unstable), which a
+        // new instance does not inherit (instances start with `local`).
+        let clock = req.clock.clone().or_else(|| tracefs.default_clock());
+        if let Some(clock) = &clock {
+            if clocks.iter().any(|c| c == clock) {
+                instance.set_clock(clock)?;
+            }
         }
         for e in &events {
             instance.enable_event(e)?;
@@ -210,8 +222,8 @@ impl Recording {
         }
         rec.instance().set_tracing_on(true)?;
         if let Some((prog, args)) = req.command.split_first() {
-            match Command::new(prog).args(args).spawn() {
-                Ok(child) => rec.command = Some(child),
+            match GuestCommand::spawn(prog, args, relay_output) {
+                Ok(cmd) => rec.command = Some(cmd),
                 Err(e) => {
                     let _ = rec.finish(StopReason::AgentError);
                     return Err(Refusal::new(
@@ -304,8 +316,8 @@ impl Recording {
         if let Some(status) = self.command_status {
             return Some(status);
         }
-        let child = self.command.as_mut()?;
-        match child.try_wait() {
+        let cmd = self.command.as_mut()?;
+        match cmd.child.try_wait() {
             Ok(Some(status)) => {
                 let code = exit_code(status);
                 self.command_status = Some(code);
@@ -313,6 +325,20 @@ impl Recording {
             }
             _ => None,
         }
+    }
+
+    /// The command's output pipes, for the control loop's poll(2).
+    pub fn output_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.command
+            .as_ref()
+            .map_or_else(Vec::new, GuestCommand::fds)
+    }
+
+    /// What the command wrote since the last look (never blocks).
+    pub fn read_output(&mut self) -> Vec<CommandOutput> {
+        self.command
+            .as_mut()
+            .map_or_else(Vec::new, GuestCommand::read_output)
     }
 
     /// A pump that died with an error (a closed port, a tracefs failure).
@@ -353,10 +379,12 @@ impl Recording {
         self.waker.wake();
 
         // 3. The command ends while the pumps drain: SIGTERM, then SIGKILL, bounded.
-        if let Some(child) = self.command.take() {
+        let mut output = Vec::new();
+        if let Some(mut cmd) = self.command.take() {
             if self.command_status.is_none() {
-                self.command_status = stop::end_command(child);
+                self.command_status = stop::end_command(&mut cmd.child);
             }
+            output = cmd.drain_output();
         }
 
         // 4. Every pump thread ends before anything of the instance is read or removed.
@@ -404,6 +432,7 @@ impl Recording {
             },
             cut_short,
             leftover,
+            output,
         }
     }
 

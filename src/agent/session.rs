@@ -32,6 +32,9 @@ use super::tracefs::{current_clock, Tracefs};
 const IDLE_LOOK: Duration = Duration::from_millis(100);
 /// How long one control message may wait for the host to take it before the session is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent waits for its control port before it says so (udev may still be
+/// loading virtio_console at boot).
+const PORT_QUIET_WAIT: Duration = Duration::from_secs(30);
 /// How often a busy session checks its command, its pumps and its deadlines. Messages from
 /// the host and from a local client wake it at once.
 const TICK: Duration = Duration::from_millis(250);
@@ -67,8 +70,15 @@ pub fn run(opts: &AgentOptions) -> io::Result<()> {
     loop {
         let ports = PortMap::system();
         let Some(ctl) = ports.control().map(PathBuf::from) else {
-            if waited.is_zero() {
-                log("no agent-ctl-path port yet; waiting (run `tvctl setup` on the host)");
+            // At boot the agent often starts before udev has loaded virtio_console and
+            // named the ports: that is normal, so it waits quietly for a while first.
+            if waited == PORT_QUIET_WAIT {
+                log(&format!(
+                    "no agent-ctl-path port after {} s; waiting. If this guest's domain is not \
+                     set up, run `tvctl setup DOMAIN` on the host and restart the domain \
+                     (/dev/virtio-ports/ lists the ports the guest has)",
+                    PORT_QUIET_WAIT.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_secs(1));
             waited += Duration::from_secs(1);
@@ -186,6 +196,7 @@ impl Agent {
                 }
                 Input::Nothing => host_here = true,
             }
+            self.relay_output();
             self.check_recording();
         }
     }
@@ -199,7 +210,11 @@ impl Agent {
             .iter()
             .chain(self.offer.iter().filter_map(|o| o.client.as_ref()))
             .map(Client::fd);
-        for fd in local.into_iter().chain(clients) {
+        let output = self
+            .recording
+            .as_ref()
+            .map_or_else(Vec::new, Recording::output_fds);
+        for fd in local.into_iter().chain(clients).chain(output) {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
         let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
@@ -212,7 +227,7 @@ impl Agent {
         let port_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
         drop(fds);
         if !port_ready {
-            // A local client woke us: the loop tends it.
+            // A local client or the command's output woke us: the loop tends them.
             return Ok(Input::Nothing);
         }
         let mut buf = [0u8; 65536];
@@ -233,21 +248,42 @@ impl Agent {
     }
 
     fn handle_frames(&mut self) {
+        let mut batch = Vec::new();
         loop {
             match self.decoder.next_message() {
-                Ok(Some((_, msg))) => self.handle(msg),
-                Ok(None) => return,
+                Ok(Some((_, msg))) => batch.push(msg),
+                Ok(None) => return self.handle_batch(batch),
                 Err(e) if e.is_fatal() => {
+                    self.handle_batch(std::mem::take(&mut batch));
                     self.frame_broken(&e.to_string());
                     if !self.decoder.resync() {
                         return;
                     }
                 }
                 Err(e) => {
+                    self.handle_batch(std::mem::take(&mut batch));
                     let code = e.reply_code().unwrap_or(ErrorCode::BadFrame);
                     self.send_error(code, &e.to_string());
                 }
             }
+        }
+    }
+
+    /// Handles messages read together. Of several `Hello`s only the last is answered: the
+    /// earlier ones waited in the channel while the guest booted (the host re-sends until
+    /// one is answered), and each answer would start a session only to end it.
+    fn handle_batch(&mut self, batch: Vec<Message>) {
+        let last_hello = batch.iter().rposition(|m| matches!(m, Message::Hello(_)));
+        let mut skipped = 0;
+        for (i, msg) in batch.into_iter().enumerate() {
+            if matches!(msg, Message::Hello(_)) && Some(i) != last_hello {
+                skipped += 1;
+                continue;
+            }
+            self.handle(msg);
+        }
+        if skipped > 0 {
+            log(&format!("{skipped} stale Hello(s) drained"));
         }
     }
 
@@ -289,6 +325,7 @@ impl Agent {
                     online_cpus(),
                     page_size(),
                     self.opts.force_copy,
+                    self.version.is_some_and(|v| v >= 4),
                 ) {
                     Ok((rec, started)) => {
                         log(&format!(
@@ -459,6 +496,19 @@ impl Agent {
         }
     }
 
+    /// Sends what the command wrote since the last look (protocol 4; with an older host the
+    /// command's output is not piped at all).
+    fn relay_output(&mut self) {
+        let Some(rec) = self.recording.as_mut() else {
+            return;
+        };
+        for chunk in rec.read_output() {
+            if !self.send(&Message::CommandOutput(chunk)) {
+                return;
+            }
+        }
+    }
+
     fn stop_and_report(&mut self, reason: StopReason) {
         let Some(rec) = self.recording.take() else {
             return;
@@ -469,6 +519,11 @@ impl Agent {
             }
         }
         let finished = self.finish(rec, reason);
+        for chunk in &finished.output {
+            if !self.send(&Message::CommandOutput(chunk.clone())) {
+                return;
+            }
+        }
         if !self.send_metadata(&finished.metadata) {
             return;
         }

@@ -102,6 +102,12 @@ impl Tracefs {
         Ok(parse_clock_list(&String::from_utf8_lossy(&text)))
     }
 
+    /// The top level's current clock: the kernel's default, which new instances do not take.
+    pub fn default_clock(&self) -> Option<String> {
+        let text = self.read("trace_clock").ok()?;
+        current_clock(&String::from_utf8_lossy(&text))
+    }
+
     /// Format texts of the `ftrace` system's events (function, print, …), as trace-cmd saves them.
     /// Names of the `ftrace` system's events (each has a `format`), sorted.
     pub fn ftrace_format_names(&self) -> Vec<String> {

@@ -96,7 +96,7 @@ impl HostRecorder {
         };
         let ports = PortMap::with_cpu_ports(ports);
         let (recording, started) =
-            match Recording::start(&request, &tracefs, &ports, cpus, page_size, false) {
+            match Recording::start(&request, &tracefs, &ports, cpus, page_size, false, false) {
                 Ok(r) => r,
                 Err(e) => {
                     for s in &streams {
@@ -203,6 +203,8 @@ impl HostRecorder {
             problems,
             agent_errors: Vec::new(),
             channel: None,
+            output: super::output::CommandOutputLog::default(),
+            protocol: crate::proto::PROTOCOL_VERSION,
         }
     }
 }

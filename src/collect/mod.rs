@@ -8,6 +8,8 @@ pub mod guest_input; // the boundary with the untrusted guest: checked, cleaned,
 #[cfg(feature = "host")]
 pub mod host; // the host recorded like a guest: its own instance, the agent's pumps, FIFOs
 #[cfg(feature = "host")]
+pub mod output; // the guest command's output: bounded, relayed escaped, tails for the summary
+#[cfg(feature = "host")]
 pub mod progress; // the live display on a terminal; lost events counted from page headers
 #[cfg(feature = "host")]
 pub mod recorder; // one recording: FIFO readers, control session, stop and drain

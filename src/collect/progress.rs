@@ -10,11 +10,17 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::output::TerminalText;
 use super::stream::CpuStream;
+use crate::proto::{CommandOutput, OutputStream};
 use crate::tracedat::{MissedEvents, PageLayout};
 
 /// The live display; every method is a no-op when it is disabled.
 pub struct Progress {
+    /// Where the guest command's output goes: `None` drops it (serve), `Some(true)` relays
+    /// stdout to stdout, `Some(false)` keeps stdout off it (`--json` owns stdout).
+    relay: Option<bool>,
+    text: TerminalText,
     multi: Option<MultiProgress>,
     spinner: Option<ProgressBar>,
     header: Option<ProgressBar>,
@@ -26,6 +32,8 @@ impl Progress {
     pub fn new(enabled: bool) -> Progress {
         let on = enabled && std::io::IsTerminal::is_terminal(&std::io::stderr());
         Progress {
+            relay: None,
+            text: TerminalText::default(),
             multi: on.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             spinner: None,
             header: None,
@@ -46,6 +54,34 @@ impl Progress {
             sp
         });
         sp.set_message(msg.to_string());
+    }
+
+    /// A spinner with `msg`, the time waited and the time left of `timeout`, until the next
+    /// call.
+    pub fn wait_at_most(&mut self, msg: &str, timeout: Duration) {
+        let Some(multi) = &self.multi else { return };
+        if let Some(old) = self.spinner.take() {
+            old.finish_and_clear();
+        }
+        let style = ProgressStyle::with_template("{spinner} {msg}: {waited} waited, {left} left")
+            .expect("template")
+            .with_key(
+                "waited",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{} s", s.elapsed().as_secs());
+                },
+            )
+            .with_key(
+                "left",
+                move |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{} s", timeout.saturating_sub(s.elapsed()).as_secs());
+                },
+            );
+        let sp = multi.add(ProgressBar::new_spinner());
+        sp.set_style(style);
+        sp.enable_steady_tick(Duration::from_millis(120));
+        sp.set_message(msg.to_string());
+        self.spinner = Some(sp);
     }
 
     /// Switches to the per-CPU display.
@@ -103,6 +139,49 @@ impl Progress {
         }
         for (bar, _, _) in self.cpus.drain(..) {
             bar.finish_and_clear();
+        }
+    }
+
+    /// Relays the guest command's output from now on: stderr to stderr, and stdout to stdout
+    /// when `stdout` (else it is only in the summary).
+    pub fn relay_command_output(&mut self, stdout: bool) {
+        self.relay = Some(stdout);
+    }
+
+    /// Prints the guest command's output, escaped, without tearing the display.
+    pub fn command_output(&mut self, chunks: Vec<CommandOutput>) {
+        let Some(to_stdout) = self.relay else { return };
+        for chunk in chunks {
+            let text = self.text.text(&chunk);
+            self.write_output(chunk.stream, &text, to_stdout);
+        }
+    }
+
+    /// Ends the relay: what an incomplete last character left is printed escaped.
+    pub fn finish_command_output(&mut self) {
+        let Some(to_stdout) = self.relay else { return };
+        let [out, err] = self.text.finish();
+        self.write_output(OutputStream::Stdout, &out, to_stdout);
+        self.write_output(OutputStream::Stderr, &err, to_stdout);
+    }
+
+    fn write_output(&self, stream: OutputStream, text: &str, to_stdout: bool) {
+        use std::io::Write as _;
+        if text.is_empty() || (stream == OutputStream::Stdout && !to_stdout) {
+            return;
+        }
+        let write = || {
+            let _ = match stream {
+                OutputStream::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(text.as_bytes()).and_then(|()| o.flush())
+                }
+                OutputStream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+            };
+        };
+        match &self.multi {
+            Some(m) => m.suspend(write),
+            None => write(),
         }
     }
 

@@ -26,6 +26,7 @@ use crate::tsync::probe::Sample;
 use super::guest_input::{
     clean_text, GuestError, GuestHello, GuestProblems, GuestStarted, GuestStopped, MetadataInbox,
 };
+use super::output::CommandOutputLog;
 use super::stream::{ByteBudget, CpuStream, StreamOutcome};
 
 /// How long the agent may stay silent (no message, no stream data) while the domain runs
@@ -126,6 +127,10 @@ pub struct Collected {
     /// The control channel, still in session, when the config asked to keep it and the
     /// recording finished normally.
     pub channel: Option<ControlChannel>,
+    /// The guest command's output (protocol 4): what is still to print, and the tails.
+    pub output: CommandOutputLog,
+    /// The session's protocol version.
+    pub protocol: u16,
 }
 
 /// A recording in progress.
@@ -144,6 +149,7 @@ pub struct Recorder {
     budget: Option<Arc<ByteBudget>>,
     last_heard: Instant,
     next_ping: Instant,
+    output: CommandOutputLog,
 }
 
 /// CPU numbers N with a `trace-path-cpuN.out` FIFO in `dir` (names as `tvctl setup` makes
@@ -276,6 +282,7 @@ impl Recorder {
             budget,
             last_heard: now,
             next_ping: now,
+            output: CommandOutputLog::default(),
         })
     }
 
@@ -312,6 +319,11 @@ impl Recorder {
     /// Excuses the agent's silence so far (the domain is paused).
     pub fn excuse_silence(&mut self) {
         self.last_heard = Instant::now();
+    }
+
+    /// The guest command's output that arrived since the last call, to print.
+    pub fn take_output(&mut self) -> Vec<crate::proto::CommandOutput> {
+        self.output.take_pending()
     }
 
     /// Sends a `Ping` when one is due; the `Pong` (any message) proves the agent lives.
@@ -404,6 +416,7 @@ impl Recorder {
         match msg {
             Message::Metadata(m) => self.inbox.push(m, &mut self.problems),
             Message::Stopped(s) => return Some(s),
+            Message::CommandOutput(o) => self.output.push(o),
             // Late answers to pings and probes that timed out.
             Message::Pong(_) | Message::SyncReply(_) => {}
             // Our Stop crossed a Stopped (the command ended at that moment): nothing to do.
@@ -596,6 +609,7 @@ impl Recorder {
             }
         }
         let (metadata, formats) = self.inbox.finish(&mut self.problems);
+        let protocol = self.chan.version();
         // Unless finished, the socket just closes: the agent sees the host gone and cleans up.
         let finished = end == StopEnd::Finished;
         let channel = if finished && self.cfg.keep_channel {
@@ -615,6 +629,8 @@ impl Recorder {
             problems: self.problems,
             agent_errors: self.agent_errors,
             channel,
+            output: self.output,
+            protocol,
         }
     }
 }

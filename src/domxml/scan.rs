@@ -39,6 +39,9 @@ pub(super) struct RawChannel {
     pub source_path: Option<String>,
     pub target_type: Option<String>,
     pub target_name: Option<String>,
+    /// `<target state=...>` of a running domain: `connected` once a program in the guest
+    /// opened the port (libvirt follows QEMU's VSERPORT_CHANGE), else `disconnected`.
+    pub target_state: Option<String>,
 }
 
 /// A `<controller type='virtio-serial'>` directly under `<devices>`.
@@ -290,6 +293,7 @@ fn open_element(
                 {
                     channel.target_type = attr(b"type")?;
                     channel.target_name = attr(b"name")?;
+                    channel.target_state = attr(b"state")?;
                 }
             }
             Role::Other

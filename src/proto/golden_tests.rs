@@ -308,14 +308,15 @@ fn kind_numbers_are_the_documented_ones() {
         (MessageKind::RecordOffer, 15),
         (MessageKind::OfferAnswer, 16),
         (MessageKind::RecordDone, 17),
+        (MessageKind::CommandOutput, 18),
     ];
     for (kind, n) in kinds {
         assert_eq!(u16::from(kind), n);
         assert_eq!(MessageKind::try_from(n).unwrap(), kind);
     }
     assert!(matches!(
-        MessageKind::try_from(18),
-        Err(ProtoError::UnknownKind { kind: 18 })
+        MessageKind::try_from(19),
+        Err(ProtoError::UnknownKind { kind: 19 })
     ));
 }
 
@@ -554,6 +555,54 @@ fn record_done_matches_documented_example() {
          64 00 00 00 00 00 00 00 | 00 00 00 00 00 00 00 00 | 00 10 00 00 00 00 00 00
          01 | 00 00 00 00",
     );
+}
+
+#[test]
+fn command_output_matches_documented_example() {
+    assert_golden(
+        Message::CommandOutput(CommandOutput {
+            stream: OutputStream::Stdout,
+            data: b"out\n".to_vec(),
+        }),
+        "54 56 43 54 | 04 00 | 12 00 | 09 00 00 00 | 00 00 00 00
+         01 | 04 00 00 00 6f 75 74 0a",
+    );
+}
+
+#[test]
+fn command_output_is_bounded_and_names_a_known_stream() {
+    let too_big = Message::CommandOutput(CommandOutput {
+        stream: OutputStream::Stderr,
+        data: vec![0; crate::proto::limits::COMMAND_OUTPUT_CHUNK + 1],
+    });
+    assert!(too_big.encode_frame(4).is_err());
+    // Stream 3 does not exist: the frame is dropped (not fatal), the session goes on.
+    let mut frame = Message::CommandOutput(CommandOutput {
+        stream: OutputStream::Stdout,
+        data: b"x".to_vec(),
+    })
+    .encode_frame(4)
+    .unwrap();
+    frame[HEADER_LEN] = 3;
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+    let err = dec.next_message().unwrap_err();
+    assert!(matches!(err, ProtoError::BadField { .. }), "{err}");
+    assert!(!err.is_fatal());
+    // In a version-3 frame it is an unknown kind: an older host never misreads it.
+    let mut old = Message::CommandOutput(CommandOutput {
+        stream: OutputStream::Stdout,
+        data: vec![],
+    })
+    .encode_frame(4)
+    .unwrap();
+    old[4] = 3;
+    let mut dec = FrameDecoder::new();
+    dec.push(&old);
+    assert!(matches!(
+        dec.next_message().unwrap_err(),
+        ProtoError::UnknownKind { kind: 18 }
+    ));
 }
 
 #[test]

@@ -65,5 +65,12 @@ pub const MAX_NAME: usize = 256;
 /// Cap on free text: `Error.text`, `Started.note`, `CpuStopped.stats_text`.
 pub const MAX_TEXT: usize = 4096;
 
+/// Largest `CommandOutput.data` (version 4).
+pub const COMMAND_OUTPUT_CHUNK: usize = 16 * 1024;
+
+/// Most bytes of command output the agent relays for one recording (version 4); beyond
+/// this it reads and drops the output, and says so once on the command's stderr stream.
+pub const MAX_COMMAND_OUTPUT: u64 = 64 * 1024 * 1024;
+
 /// Cap on any other string field (command arguments).
 pub const MAX_STRING: usize = 64 * 1024;

@@ -8,8 +8,8 @@ use super::codec::{Decoder, Encoder};
 use super::error::ProtoError;
 use super::frame::FrameHeader;
 use super::limits::{
-    MAX_CLOCKS, MAX_COMMAND_ARGS, MAX_CPUS, MAX_EVENTS_PER_REQUEST, MAX_NAME, MAX_PAYLOAD,
-    MAX_RESOLVED_EVENTS, MAX_STRING, MAX_TEXT, METADATA_CHUNK,
+    COMMAND_OUTPUT_CHUNK, MAX_CLOCKS, MAX_COMMAND_ARGS, MAX_CPUS, MAX_EVENTS_PER_REQUEST, MAX_NAME,
+    MAX_PAYLOAD, MAX_RESOLVED_EVENTS, MAX_STRING, MAX_TEXT, METADATA_CHUNK,
 };
 
 /// Message kind numbers, the `kind` field of the frame header.
@@ -41,6 +41,8 @@ pub enum MessageKind {
     OfferAnswer = 16,
     /// Version 3.
     RecordDone = 17,
+    /// Version 4.
+    CommandOutput = 18,
 }
 
 impl MessageKind {
@@ -56,6 +58,7 @@ impl MessageKind {
         match self {
             Self::SyncProbe | Self::SyncReply => 2,
             Self::ServeReady | Self::RecordOffer | Self::OfferAnswer | Self::RecordDone => 3,
+            Self::CommandOutput => 4,
             _ => 1,
         }
     }
@@ -84,6 +87,7 @@ impl TryFrom<u16> for MessageKind {
             15 => Self::RecordOffer,
             16 => Self::OfferAnswer,
             17 => Self::RecordDone,
+            18 => Self::CommandOutput,
             _ => return Err(ProtoError::UnknownKind { kind }),
         })
     }
@@ -743,6 +747,45 @@ impl RecordDone {
     }
 }
 
+/// Which output of the guest command a [`CommandOutput`] carries.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    Stdout = 1,
+    Stderr = 2,
+}
+
+/// Agent → host (version 4): bytes the command of `RecordRequest` wrote, in the order it
+/// wrote them on that stream, between `Started` and `Stopped`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    pub stream: OutputStream,
+    pub data: Vec<u8>,
+}
+
+impl CommandOutput {
+    fn encode(&self, e: &mut Encoder) -> Result<(), ProtoError> {
+        e.u8(self.stream as u8);
+        e.bytes("command_output.data", &self.data, COMMAND_OUTPUT_CHUNK)
+    }
+
+    fn decode(d: &mut Decoder) -> Result<Self, ProtoError> {
+        let stream = match d.u8("command_output.stream")? {
+            1 => OutputStream::Stdout,
+            2 => OutputStream::Stderr,
+            _ => {
+                return Err(ProtoError::BadField {
+                    what: "command_output.stream",
+                })
+            }
+        };
+        Ok(Self {
+            stream,
+            data: d.bytes("command_output.data", COMMAND_OUTPUT_CHUNK)?,
+        })
+    }
+}
+
 /// Any control message. `Stop` and `Close` carry no fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -763,6 +806,7 @@ pub enum Message {
     RecordOffer(RecordOffer),
     OfferAnswer(OfferAnswer),
     RecordDone(RecordDone),
+    CommandOutput(CommandOutput),
 }
 
 impl Message {
@@ -785,6 +829,7 @@ impl Message {
             Self::RecordOffer(_) => MessageKind::RecordOffer,
             Self::OfferAnswer(_) => MessageKind::OfferAnswer,
             Self::RecordDone(_) => MessageKind::RecordDone,
+            Self::CommandOutput(_) => MessageKind::CommandOutput,
         }
     }
 
@@ -807,6 +852,7 @@ impl Message {
             Self::RecordOffer(m) => m.encode(&mut e)?,
             Self::OfferAnswer(m) => m.encode(&mut e)?,
             Self::RecordDone(m) => m.encode(&mut e)?,
+            Self::CommandOutput(m) => m.encode(&mut e)?,
             Self::Stop | Self::Close => {}
         }
         Ok(e.into_bytes())
@@ -859,6 +905,7 @@ impl Message {
             MessageKind::RecordOffer => Self::RecordOffer(RecordOffer::decode(&mut d)?),
             MessageKind::OfferAnswer => Self::OfferAnswer(OfferAnswer::decode(&mut d)?),
             MessageKind::RecordDone => Self::RecordDone(RecordDone::decode(&mut d)?),
+            MessageKind::CommandOutput => Self::CommandOutput(CommandOutput::decode(&mut d)?),
         };
         d.finish(kind)?;
         Ok(msg)
@@ -891,4 +938,5 @@ impl_from_struct! {
     RecordOffer => RecordOffer,
     OfferAnswer => OfferAnswer,
     RecordDone => RecordDone,
+    CommandOutput => CommandOutput,
 }

@@ -43,9 +43,9 @@ pub use frame::{
 };
 pub use marker::{StreamMarker, MARKER_MAGIC};
 pub use message::{
-    CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, MessageKind, Metadata,
-    OfferAnswer, Ping, Pong, RecordDone, RecordOffer, RecordRequest, ServeReady, Started,
-    StopReason, Stopped, SyncProbe, SyncReply,
+    CommandOutput, CpuStopped, ErrorCode, ErrorMessage, Hello, HelloReply, Message, MessageKind,
+    Metadata, OfferAnswer, OutputStream, Ping, Pong, RecordDone, RecordOffer, RecordRequest,
+    ServeReady, Started, StopReason, Stopped, SyncProbe, SyncReply,
 };
 pub use metadata::{
     split_metadata, validate_name, MetadataAssembler, MetadataChunks, MetadataError,

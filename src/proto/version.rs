@@ -6,7 +6,7 @@
 //! release, which is how long a guest image typically lags behind its host.
 
 /// The newest version we speak; carried by every frame after `Hello`.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest version we still speak: `PROTOCOL_VERSION - 1` once there is a 2.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -501,6 +501,7 @@ impl Worker {
             boot: false,
             agent_timeout: Duration::from_secs(30),
             progress: false,
+            relay_stdout: false,
             max_size: self.ctx.max_bytes.map(|m| m - used),
             file_version: crate::trace::FileVersion::V7,
         };

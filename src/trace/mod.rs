@@ -34,6 +34,7 @@ use crate::collect::stream::ByteBudget;
 use crate::control::ControlError;
 use crate::exitcode::ExitCode;
 use crate::libvirt::{Dom, LibvirtError};
+use crate::proto::OutputStream;
 use crate::proto::{ErrorCode, StopReason};
 use crate::tracedat::sanitize::check_headers;
 use crate::tracedat::{PageLayout, TraceDatError};
@@ -56,6 +57,9 @@ pub struct TraceOptions {
     pub agent_timeout: Duration,
     /// Show the live display (on a terminal).
     pub progress: bool,
+    /// Relay the guest command's stdout to ours (its stderr always goes to ours); off with
+    /// `--json`, whose stdout is the summary.
+    pub relay_stdout: bool,
     /// `--max-size`: most bytes of trace data to keep; reaching it stops the recording.
     pub max_size: Option<u64>,
     /// `--file-version`: 7 (sections, zstd; the default, as trace-cmd 3.x writes) or 6.
@@ -80,6 +84,15 @@ pub enum TraceError {
     Libvirt(#[from] LibvirtError),
     #[error("the guest agent did not answer within {0:?}. Is tvctl-agent installed and started in the guest? Read the guest's console log; the domain was left running")]
     AgentTimeout(Duration),
+    #[error("tvctl-agent in {domain} did not answer within {waited:.0} s: {cause}. The guest's console log{console}; the domain was left running")]
+    NoAgent {
+        domain: String,
+        waited: f64,
+        /// The likely cause, from the control port's state in the live XML.
+        cause: String,
+        /// " (PATH); its last lines: …", or " is not in a file (give the domain a <serial type='file'>)".
+        console: String,
+    },
     #[error("the guest agent refused the request: {text}")]
     Refused { code: ErrorCode, text: String },
     #[error("domain '{0}' is not running and --no-boot was given: start it (virsh start {0}) or drop --no-boot")]
@@ -125,7 +138,7 @@ impl TraceError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             TraceError::Libvirt(e) => crate::setup::libvirt_exit_code(e),
-            TraceError::AgentTimeout(_) => ExitCode::AgentTimeout,
+            TraceError::AgentTimeout(_) | TraceError::NoAgent { .. } => ExitCode::AgentTimeout,
             TraceError::Refused { .. } => ExitCode::AgentRefused,
             TraceError::NotRunning(_)
             | TraceError::NotSetUp { .. }
@@ -347,6 +360,9 @@ impl<'a> DomainWatch<'a> {
 pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     install_signal_counter();
     let mut progress = Progress::new(opts.progress);
+    if !opts.command.is_empty() {
+        progress.relay_command_output(opts.relay_stdout);
+    }
     let scratch = scratch_next_to(&opts.output)?;
     let booted = boot_if_off(dom, opts, &mut progress)?;
     let budget = opts.max_size.map(|b| Arc::new(ByteBudget::new(b)));
@@ -367,6 +383,8 @@ pub fn run(dom: &Dom, opts: &TraceOptions) -> Result<TraceOutcome, TraceError> {
     let cause = record_until_stop(&mut rec, &mut watch, opts.duration, &mut progress);
     let elapsed = start.elapsed();
     let (mut collected, cause) = stop_and_drain(rec, &mut watch, cause, elapsed, &mut progress);
+    progress.command_output(collected.output.take_pending());
+    progress.finish_command_output();
     progress.finish();
     let (cpus, page_problems) =
         write_and_count(opts, &recording, &mut collected, FileLinks::default())?;
@@ -457,15 +475,18 @@ pub(crate) fn start_recording(
         budget,
         keep_channel: false,
     };
-    progress.wait(&format!("waiting for tvctl-agent in {}", dom.name()));
+    progress.wait_at_most(
+        &format!("waiting for tvctl-agent in {} (Ctrl-C stops)", dom.name()),
+        opts.agent_timeout,
+    );
     let mut watch = DomainWatch::new(dom);
     let mut ask = || watch.check();
     Recorder::start(cfg, &mut ask).map_err(|e| {
         let gone = matches!(e, RecordError::Control(_)) && !dom.is_active().unwrap_or(false);
-        if gone {
-            TraceError::DomainStoppedEarly
-        } else {
-            e.into()
+        match e {
+            _ if gone => TraceError::DomainStoppedEarly,
+            RecordError::Control(ControlError::Timeout(d)) => no_agent(dom, d),
+            e => e.into(),
         }
     })
 }
@@ -516,6 +537,7 @@ pub(crate) fn record_until_stop(
             }
             Err(_) => return StopCause::GuestMisbehaved,
         }
+        progress.command_output(rec.take_output());
         if progress.is_enabled() {
             let lost = live.scan(rec);
             progress.update(rec.streams(), start.elapsed(), lost);
@@ -751,6 +773,11 @@ pub(crate) fn summarise(
         events_requested: opts.events.clone(),
         events: started.events.clone(),
         clock: started.clock.clone(),
+        clock_source: if opts.clock.is_some() {
+            "option"
+        } else {
+            "guest-default"
+        },
         buffer_kb: started.buffer_kb,
         splice: started.splice,
         booted,
@@ -759,6 +786,13 @@ pub(crate) fn summarise(
         command: (!opts.command.is_empty()).then(|| CommandSummary {
             argv: opts.command.clone(),
             exit_status: collected.stopped.as_ref().and_then(|s| s.command_status),
+            output_relayed: collected.output.any || collected.protocol >= 4,
+            stdout: collected.output.tail_text(OutputStream::Stdout),
+            stderr: collected.output.tail_text(OutputStream::Stderr),
+            stdout_bytes: collected.output.totals[0],
+            stderr_bytes: collected.output.totals[1],
+            output_truncated: collected.output.truncated(OutputStream::Stdout)
+                || collected.output.truncated(OutputStream::Stderr),
         }),
         total_bytes: cpus.iter().map(|c| c.bytes).fold(0, u64::saturating_add),
         total_events: cpus.iter().map(|c| c.events).fold(0, u64::saturating_add),
@@ -772,6 +806,47 @@ pub(crate) fn summarise(
         guest_problems,
         sync: None,
         notes,
+    }
+}
+
+/// The agent did not answer within `waited`: why that is likely, from whether a program in
+/// the guest has the control port open (libvirt's `state` of the channel in the live XML),
+/// and where to read the console.
+fn no_agent(dom: &Dom, waited: Duration) -> TraceError {
+    let state = dom.live_xml().ok().and_then(|xml| {
+        crate::domxml::our_channels(&xml)
+            .ok()?
+            .into_iter()
+            .find(|c| c.kind == crate::domxml::ChannelKind::Control)?
+            .target_state
+    });
+    let name = dom.name();
+    let cause = match state.as_deref() {
+        Some("disconnected") => format!(
+            "no program in the guest opened tvctl's control port, so tvctl-agent is not \
+             installed, not started, or the guest is still booting: install it with \
+             `tvctl agent install {name}` (needs qemu-guest-agent in the guest), or see \
+             README \"Tracing your own domain\"; a slow boot needs a longer --agent-timeout"
+        ),
+        Some("connected") => "a program in the guest has tvctl's control port open but did \
+             not answer: a tvctl-agent too old for this tvctl, or a stuck one (in the guest: \
+             `journalctl -u tvctl-agent`; restart it with `systemctl restart tvctl-agent`)"
+            .to_string(),
+        _ => "the guest did not answer on tvctl's control port: is tvctl-agent installed \
+             and started in the guest?"
+            .to_string(),
+    };
+    let console = match console_hint(dom) {
+        h if h.is_empty() => {
+            format!(" is not kept in a file (QEMU's own log: /var/log/libvirt/qemu/{name}.log)")
+        }
+        h => h,
+    };
+    TraceError::NoAgent {
+        domain: name,
+        waited: waited.as_secs_f64(),
+        cause,
+        console,
     }
 }
 

@@ -84,6 +84,17 @@ pub struct CommandSummary {
     pub argv: Vec<String>,
     /// Exit status (128 + signal number when killed by a signal); null if not known.
     pub exit_status: Option<i32>,
+    /// The agent relayed the command's output (protocol 4); false with an older agent, whose
+    /// command writes to the agent's own log.
+    pub output_relayed: bool,
+    /// The last 64 KiB of each stream, control characters escaped (lines kept).
+    pub stdout: String,
+    pub stderr: String,
+    /// Bytes each stream carried in all.
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// A stream was longer than what `stdout`/`stderr` keep.
+    pub output_truncated: bool,
 }
 
 /// The whole run.
@@ -96,6 +107,9 @@ pub struct TraceSummary {
     pub events_requested: Vec<String>,
     pub events: Vec<String>,
     pub clock: String,
+    /// Who chose `clock`: `"option"` (-C, or x86-tsc for several files) or `"guest-default"`
+    /// (the guest kernel's top-level `trace_clock`, which it may have switched to `global`).
+    pub clock_source: &'static str,
     pub buffer_kb: u32,
     /// True if the guest moved pages with splice (false: read/write fallback).
     pub splice: bool,
@@ -133,6 +147,15 @@ impl TraceSummary {
             self.stop_cause.describe(),
             self.output
         );
+        s.push_str(&format!(
+            "  clock {}{}\n",
+            self.clock,
+            if self.clock_source == "guest-default" {
+                " (the guest kernel's default)"
+            } else {
+                ""
+            }
+        ));
         for c in &self.cpus {
             s.push_str(&format!(
                 "  cpu{:<3} {:>10} {:>6} pages {:>9} events {:>7} lost{}\n",

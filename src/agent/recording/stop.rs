@@ -34,16 +34,20 @@ const LOOK_EVERY: Duration = Duration::from_millis(10);
 /// Ends a command that is still running: SIGTERM, then SIGKILL, each with a bounded wait.
 /// Returns its exit status, or None if it did not end (a process stuck in the kernel): then it
 /// is reported and left, never waited for.
-pub(super) fn end_command(mut child: Child) -> Option<i32> {
-    use nix::sys::signal::{kill, Signal};
+pub(super) fn end_command(child: &mut Child) -> Option<i32> {
+    use nix::sys::signal::{kill, killpg, Signal};
     let Ok(raw) = i32::try_from(child.id()) else {
         return None;
     };
     let pid = nix::unistd::Pid::from_raw(raw);
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-        // A command that already exited (not yet reaped) ignores the signal; try_wait reaps it.
-        let _ = kill(pid, signal);
-        if let Some(status) = wait_child(&mut child, COMMAND_GRACE) {
+        // The command leads its own session and process group: the signal goes to all of
+        // it (a shell's children too). A command that already exited (not yet reaped)
+        // ignores it; try_wait reaps it.
+        if killpg(pid, signal).is_err() {
+            let _ = kill(pid, signal);
+        }
+        if let Some(status) = wait_child(child, COMMAND_GRACE) {
             return Some(exit_code(status));
         }
     }
@@ -300,7 +304,7 @@ mod tests {
 
         // Act
         let start = Instant::now();
-        let status = end_command(child);
+        let status = end_command(&mut child);
 
         // Assert: SIGTERM ignored, SIGKILL after the grace, reaped, all within the bounds.
         assert_eq!(status, Some(128 + 9));
