@@ -66,6 +66,37 @@ pub enum Command {
     Trace(TraceArgs),
     /// Serve every set-up domain: users in guests record with `tvctl-agent record`
     Serve(ServeArgs),
+    /// Install the guest agent into a running guest through qemu-guest-agent, or show it
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Copy the static tvctl-agent into a running guest through its qemu-guest-agent,
+    /// install and start its systemd unit, and check that it answers
+    Install(AgentInstallArgs),
+    /// Show the guest's tvctl-agent: version, uptime, service state, last session
+    Status(AgentStatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentInstallArgs {
+    /// Domain name, UUID or id (running, with a qemu-guest-agent channel)
+    pub domain: String,
+    /// The static agent to install [default: /usr/lib/tvctl/tvctl-agent from the package,
+    /// else the build's next to this tvctl]
+    #[arg(long, value_name = "PATH")]
+    pub agent_binary: Option<PathBuf>,
+    /// Seconds to wait for the installed agent to answer on tvctl's channel
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub agent_timeout: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentStatusArgs {
+    /// Domain name, UUID or id (running, with a qemu-guest-agent channel)
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -368,6 +399,35 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             Ok(crate::serve::run(&options)?)
         }
+        Command::Agent(AgentCommand::Install(args)) => {
+            setup::require_root("agent install")?;
+            if !(args.agent_timeout.is_finite() && args.agent_timeout > 0.0) {
+                return Err(UsageError(format!(
+                    "--agent-timeout {}: give a number of seconds above 0",
+                    args.agent_timeout
+                ))
+                .into());
+            }
+            let binary = crate::guestinstall::find_agent_binary(args.agent_binary.as_deref())?;
+            let hv = Hypervisor::connect(&config.uri)?;
+            let dom = hv.lookup(&args.domain)?;
+            let timeout = std::time::Duration::from_secs_f64(args.agent_timeout);
+            let mut verify = |dom: &crate::libvirt::Dom| verify_agent(&config.dir, dom, timeout);
+            let report = crate::guestinstall::install(&dom, &binary, &mut verify)?;
+            emit(&config, &report, |r, _| r.to_text())?;
+            Ok(if report.answered == Some(false) {
+                ExitCode::AgentTimeout
+            } else {
+                ExitCode::Ok
+            })
+        }
+        Command::Agent(AgentCommand::Status(args)) => {
+            let hv = Hypervisor::connect(&config.uri)?;
+            let dom = hv.lookup(&args.domain)?;
+            let status = crate::guestinstall::status(&dom)?;
+            emit(&config, &status, |s, _| s.to_text())?;
+            Ok(ExitCode::Ok)
+        }
         Command::Trace(args) => {
             let mut options = args.validate()?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;
@@ -415,6 +475,40 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             emit(&config, &summary, |s, _| s.to_text())?;
             Ok(summary.exit_code())
         }
+    }
+}
+
+/// After `agent install`: the agent must answer `Hello` on tvctl's control channel, if the
+/// domain is set up (its live XML has our control channel); None if it is not.
+fn verify_agent(
+    root: &std::path::Path,
+    dom: &crate::libvirt::Dom,
+    timeout: std::time::Duration,
+) -> Option<Result<(), String>> {
+    let xml = dom.live_xml().ok()?;
+    let socket = crate::domxml::our_channels(&xml)
+        .ok()?
+        .into_iter()
+        .find(|c| c.kind == crate::domxml::ChannelKind::Control)?
+        .path?;
+    let _hold = match crate::lock::DomainHold::acquire(root, &dom.name(), "agent install") {
+        Ok(h) => h,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    crate::sigcount::install();
+    let seen = crate::sigcount::count();
+    let mut interrupted = || crate::sigcount::count() > seen;
+    match crate::control::ControlChannel::connect(
+        std::path::Path::new(&socket),
+        &crate::control::host_software("agent install"),
+        timeout,
+        &mut interrupted,
+    ) {
+        Ok(chan) => {
+            chan.close();
+            Some(Ok(()))
+        }
+        Err(e) => Some(Err(e.to_string())),
     }
 }
 
@@ -501,6 +595,9 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
             return crate::lock::DomainLock::exit_code(e);
         }
         if let Some(e) = cause.downcast_ref::<crate::serve::ServeError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::guestinstall::InstallError>() {
             return e.exit_code();
         }
         if cause.downcast_ref::<UsageError>().is_some() {

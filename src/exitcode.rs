@@ -20,6 +20,8 @@
 //! | 13 | `GuestMisbehaved` | the guest broke the protocol or a limit; the good data is written |
 //! | 14 | `Incomplete` | a stream fell short or the agent stopped answering; the file holds what arrived |
 //! | 15 | `Busy` | another tvctl holds the domain (trace, setup, teardown, a guest recording of serve), or serve already runs |
+//! | 16 | `NoGuestAgent` | agent install/status: no usable qemu-guest-agent (domain not running, no channel, not answering, a needed command forbidden) |
+//! | 17 | `InstallFailed` | agent install: no static agent binary, the guest's architecture differs, or a step in the guest failed |
 //! | 130 | `Interrupted` | trace: Ctrl-C twice (once before recording); a file holds what had arrived |
 
 use std::fmt::Write as _;
@@ -45,13 +47,15 @@ pub enum ExitCode {
     GuestMisbehaved = 13,
     Incomplete = 14,
     Busy = 15,
+    NoGuestAgent = 16,
+    InstallFailed = 17,
     /// 128 + SIGINT, as shells report a process killed by Ctrl-C.
     Interrupted = 130,
 }
 
 impl ExitCode {
     /// All codes in numeric order: the rows of the table.
-    pub const ALL: [ExitCode; 17] = [
+    pub const ALL: [ExitCode; 19] = [
         ExitCode::Ok,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -68,6 +72,8 @@ impl ExitCode {
         ExitCode::GuestMisbehaved,
         ExitCode::Incomplete,
         ExitCode::Busy,
+        ExitCode::NoGuestAgent,
+        ExitCode::InstallFailed,
         ExitCode::Interrupted,
     ];
 
@@ -106,6 +112,12 @@ impl ExitCode {
             }
             ExitCode::Busy => {
                 "another tvctl holds the domain (trace, setup, teardown, or a guest recording of serve), or serve already runs for --dir: wait for it or stop it"
+            }
+            ExitCode::NoGuestAgent => {
+                "agent install/status: no usable qemu-guest-agent in the domain (not running, no channel, not answering, or a needed command forbidden)"
+            }
+            ExitCode::InstallFailed => {
+                "agent install: no static tvctl-agent binary, the guest's architecture differs, or a step in the guest failed"
             }
             ExitCode::Interrupted => {
                 "trace: Ctrl-C or SIGTERM twice (once before the recording started): stopped waiting; a file holds what had arrived"

@@ -12,6 +12,7 @@
 //! - [`zerocopy`]: splice(2) through a pipe, shared by the agent and the collector.
 //! - `domxml` (host): pure edits of libvirt domain XML (our channels), no I/O.
 //! - `channels` (host): the per-domain folder, FIFOs, owners and modes.
+//! - `guestinstall` (host): `tvctl agent install/status`: the agent put into a guest via qemu-ga.
 //! - `libvirt` (host): the only module that talks to libvirt (the `virt` crate).
 //! - `control` (host): the host end of the control channel: connect, handshake, deadlines.
 //! - `trace` (host): `tvctl trace`: boot, record, write trace.dat, summarise.
@@ -39,6 +40,8 @@ pub mod control;
 pub mod domxml;
 #[cfg(feature = "host")]
 pub mod exitcode;
+#[cfg(feature = "host")]
+pub mod guestinstall;
 #[cfg(feature = "host")]
 pub mod libvirt;
 #[cfg(feature = "host")]

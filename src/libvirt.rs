@@ -47,6 +47,19 @@ impl LibvirtError {
     }
 }
 
+/// Why a qemu-ga command failed, as libvirt says.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QgaError {
+    /// The domain has no `org.qemu.guest_agent.0` channel.
+    #[error("{0}")]
+    NoChannel(String),
+    /// The channel is there but nothing answers on it (qemu-ga not installed or not running).
+    #[error("{0}")]
+    NotAnswering(String),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// The state of a domain, as tvctl reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomState {
@@ -311,6 +324,27 @@ impl Dom {
     pub fn qemu_pid(&self) -> Option<u32> {
         let path = format!("/run/libvirt/qemu/{}.pid", self.name());
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Sends one command to the QEMU guest agent (qemu-ga) in the guest and returns its JSON
+    /// reply, waiting at most `timeout_s` seconds. The error keeps libvirt's code, which
+    /// tells "no qemu-ga channel" from "qemu-ga not answering" ([`QgaError`]).
+    pub fn qemu_agent_command(&self, cmd: &str, timeout_s: i32) -> Result<String, QgaError> {
+        self.dom.qemu_agent_command(cmd, timeout_s, 0).map_err(|e| {
+            let message = e.message().to_string();
+            match e.code() {
+                virt::error::ErrorNumberEnum::Known(ErrorNumber::AgentUnresponsive) => {
+                    QgaError::NotAnswering(message)
+                }
+                virt::error::ErrorNumberEnum::Known(ErrorNumber::ArgumentUnsupported)
+                | virt::error::ErrorNumberEnum::Known(ErrorNumber::OperationInvalid)
+                    if message.contains("not configured") =>
+                {
+                    QgaError::NoChannel(message)
+                }
+                _ => QgaError::Other(message),
+            }
+        })
     }
 
     /// Hot-plugs a device into the running domain only.

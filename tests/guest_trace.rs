@@ -455,7 +455,14 @@ fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
         ],
     );
     assert_eq!(code, 9, "{log}");
-    assert!(log.contains("did not answer"), "{log}");
+    assert!(log.contains("did not answer within 1 s"), "{log}");
+    // The message names the console log and the likely cause (nothing opened the port yet).
+    assert!(
+        log.contains(t.vm.console_log.to_str().unwrap()),
+        "the console log path is not in the message: {log}"
+    );
+    assert!(log.contains("no program in the guest opened"), "{log}");
+    assert!(log.contains("tvctl agent install"), "{log}");
     assert!(!out.exists());
 
     // Then a full trace on all four vCPUs.

@@ -475,6 +475,7 @@ impl Agent {
             data_ports: self.ports.cpu_ports(),
         };
         log(&format!("session with {} (protocol {version})", h.software));
+        remember_session(&h.software, version);
         self.send(&Message::HelloReply(reply));
     }
 
@@ -864,4 +865,20 @@ fn page_size() -> u32 {
         .flatten()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(4096)
+}
+
+/// Where the agent notes its last session, for `tvctl agent status` (read through qemu-ga).
+pub const LAST_SESSION_FILE: &str = "/run/tvctl-agent.last-session";
+
+/// Notes the session just opened: `<unix seconds> protocol <v> <host software>`. Best effort:
+/// a read-only /run costs nothing but the note.
+fn remember_session(host: &str, version: u16) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let line: String = host.chars().filter(|c| !c.is_control()).take(256).collect();
+    let _ = std::fs::write(
+        LAST_SESSION_FILE,
+        format!("{now} protocol {version} {line}\n"),
+    );
 }
