@@ -7,6 +7,7 @@ PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 trace-cmd busybox-static cpio gzip
   binutils kmod iproute2 procps
+  debootstrap e2fsprogs qemu-utils   # the Debian guest: scripts/build-debian-guest.sh, overlays
 )
 
 need_root() {

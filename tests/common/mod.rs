@@ -7,6 +7,8 @@
 //! says how to get them (scripts/install-deps.sh, scripts/build-guest.sh).
 #![allow(dead_code)]
 
+/// The Debian guest (systemd, qemu-guest-agent) reached through qemu-ga (tests/guest_debian.rs).
+pub mod debian;
 /// A paused domain whose guest agent the test plays (tests/hostile_agent.rs).
 pub mod fake_guest;
 /// A shell in the guest and `tvctl serve` as a child (tests/guest_serve.rs).
