@@ -8,7 +8,7 @@
 //! 2. `guest-get-osinfo`'s `machine` matches the agent binary's ELF machine.
 //! 3. The agent binary is found (`--agent-binary`, the package's, or the build's) and checked:
 //!    an ELF executable with no interpreter (static: the guest may lack our libc).
-//! 4. It is written to `/usr/local/bin/.tvctl-agent.new` with `guest-file-*` (base64, 1 MiB
+//! 4. It is written to `/usr/local/bin/.tvctl-agent.new` with `guest-file-*` (base64, 64 KiB
 //!    per call), then one `guest-exec` of `/bin/sh` moves it into place, checks that it runs
 //!    (`--version`), and on a systemd guest installs `tvctl-agent.service` (the file in
 //!    guest/), enables and (re)starts it. Without systemd the agent is started once, detached,
@@ -46,8 +46,12 @@ pub const NEEDED: [&str; 6] = [
     "guest-exec",
     "guest-exec-status",
 ];
-/// Bytes per `guest-file-write` (base64 makes 1.4 MB of it; libvirt takes strings ≤ 4 MiB).
-const WRITE_CHUNK: usize = 1024 * 1024;
+/// Bytes per `guest-file-write`. qemu-ga 7.2 under TCG took 0.09 s for 64 KiB (87 KB of
+/// base64); a 1 MiB chunk did not finish within 30 s.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// How long a command that may be repeated is retried while libvirt says qemu-ga is not
+/// available for now.
+const QGA_PATIENCE: Duration = Duration::from_secs(60);
 /// Longest wait for one qemu-ga command.
 const QGA_TIMEOUT_S: i32 = 30;
 /// Longest wait for the install script in the guest (it restarts a service).
@@ -62,8 +66,12 @@ pub enum InstallError {
     NotRunning(String),
     #[error("domain '{domain}' has no qemu-guest-agent channel ({message}). Add one to its XML and restart it: <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>, and install qemu-guest-agent in the guest; or install tvctl-agent by hand (README, \"Tracing your own domain\")")]
     NoQgaChannel { domain: String, message: String },
-    #[error("qemu-guest-agent in '{domain}' does not answer ({message}): install and start it in the guest (Debian/Ubuntu: apt install qemu-guest-agent; Fedora: dnf install qemu-guest-agent), or wait until the guest has booted")]
-    QgaNotAnswering { domain: String, message: String },
+    #[error("qemu-guest-agent in '{domain}' does not answer ({command}: {message}): install and start it in the guest (Debian/Ubuntu: apt install qemu-guest-agent; Fedora: dnf install qemu-guest-agent), or wait until the guest has booted")]
+    QgaNotAnswering {
+        domain: String,
+        command: &'static str,
+        message: String,
+    },
     #[error("qemu-guest-agent in '{domain}' forbids {} (its allow-rpcs/block-rpcs setting, e.g. in /etc/qemu/qemu-ga.conf or the unit's --block-rpcs): allow them, or install tvctl-agent by hand", .commands.join(", "))]
     QgaForbids {
         domain: String,
@@ -150,6 +158,7 @@ impl<'a> Qga<'a> {
                 },
                 QgaError::NotAnswering(message) => InstallError::QgaNotAnswering {
                     domain: self.name.clone(),
+                    command,
                     message,
                 },
                 QgaError::Other(message) => InstallError::Qga {
@@ -173,9 +182,28 @@ impl<'a> Qga<'a> {
         }
     }
 
+    /// [`Qga::call`] for a command that may be sent twice (it changes nothing): libvirt's
+    /// "not available for now" (its sync with qemu-ga timed out: a busy guest, common under
+    /// TCG) is retried for up to [`QGA_PATIENCE`].
+    fn call_idempotent(
+        &self,
+        command: &'static str,
+        args: Option<Value>,
+    ) -> Result<Value, InstallError> {
+        let start = Instant::now();
+        loop {
+            match self.call(command, args.clone()) {
+                Err(InstallError::QgaNotAnswering { .. }) if start.elapsed() < QGA_PATIENCE => {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// qemu-ga's version, after checking it enables every command in [`NEEDED`].
     pub fn check_commands(&self) -> Result<String, InstallError> {
-        let info = self.call("guest-info", None)?;
+        let info = self.call_idempotent("guest-info", None)?;
         let version = clean_text(info["version"].as_str().unwrap_or("?"));
         let enabled = |name: &str| {
             info["supported_commands"].as_array().is_some_and(|cmds| {
@@ -199,7 +227,7 @@ impl<'a> Qga<'a> {
 
     /// `guest-get-osinfo`: (machine, pretty name).
     pub fn osinfo(&self) -> Result<(String, String), InstallError> {
-        let os = self.call("guest-get-osinfo", None)?;
+        let os = self.call_idempotent("guest-get-osinfo", None)?;
         let field = |k: &str| clean_text(os[k].as_str().unwrap_or(""));
         let pretty = match field("pretty-name") {
             p if p.is_empty() => field("name"),
@@ -258,7 +286,7 @@ impl<'a> Qga<'a> {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            let st = self.call("guest-exec-status", Some(json!({ "pid": pid })))?;
+            let st = self.call_idempotent("guest-exec-status", Some(json!({ "pid": pid })))?;
             if st["exited"].as_bool() == Some(true) {
                 let text = |k: &str| {
                     let b = st[k].as_str().unwrap_or("");
@@ -426,12 +454,17 @@ pub fn install(
             path: binary.path.clone(),
         });
     }
-    let staged = "/usr/local/bin/.tvctl-agent.new";
+    // A name of its own per attempt: a handle an earlier, failed attempt left open in qemu-ga
+    // would make the file busy (ETXTBSY) when it runs.
+    let staged = format!(
+        "/usr/local/bin/.tvctl-agent.new.{:016x}",
+        crate::control::random_u64()
+    );
     let mkdir = qga.sh("mkdir -p /usr/local/bin", Duration::from_secs(10))?;
     if mkdir.code != 0 {
         return Err(step_failed(&name, "mkdir -p /usr/local/bin", &mkdir));
     }
-    qga.write_file(staged, &binary.data)?;
+    qga.write_file(&staged, &binary.data)?;
     let systemd = qga
         .sh("test -d /run/systemd/system", Duration::from_secs(10))?
         .code
@@ -445,6 +478,7 @@ pub fn install(
          test \"$(wc -c < {staged})\" -eq {size} || {{ echo 'the copy has the wrong size' >&2; exit 90; }}\n\
          chmod 0755 {staged}\n\
          mv -f {staged} {GUEST_AGENT_PATH}\n\
+         rm -f /usr/local/bin/.tvctl-agent.new.*\n\
          {GUEST_AGENT_PATH} --version\n\
          if [ -d /run/systemd/system ]; then\n\
            chmod 0644 {GUEST_UNIT_PATH}\n\

@@ -63,3 +63,184 @@ fn debian_guest_answers_qemu_ga_and_exposes_tracefs_through_guest_exec() {
     assert_eq!(echoed.code, Some(0), "cat: {}", echoed.stderr_text());
     assert_eq!(echoed.stdout, every_byte);
 }
+
+/// Runs the real tvctl with `--dir root`.
+fn tvctl(root: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tvctl"))
+        .arg("--dir")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run tvctl")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The static agent scripts/build-guest.sh builds (the guest tier runs after it).
+fn static_agent() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/tvctl-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-guest.sh (it builds the static agent)",
+        p.display()
+    );
+    p
+}
+
+/// The issue's path for a new user: a fresh Debian guest with qemu-ga and no tvctl-agent →
+/// `tvctl agent install` → traces; the agent comes back after a reboot; the default clock is
+/// the guest kernel's; a guest command's output reaches the host.
+#[test]
+fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
+    // Arrange: set up while off (libvirt 9.0 cannot hot-plug the channels), then boot.
+    let vm = DebianVm::define("deb-install", 2, |xml, _| xml.to_string());
+    let root = common::lab_root().join(format!("{}-root", vm.name));
+    let _cleanup = RemoveOnDrop(root.clone());
+    let setup = tvctl(&root, &["setup", &vm.name]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    vm.start();
+    vm.wait_qga(common::boot_timeout());
+    let before = vm.qga_exec(&["/bin/sh", "-c", "command -v tvctl-agent || echo none"]);
+    assert_eq!(
+        before.stdout_text().trim(),
+        "none",
+        "the image must not hold the agent"
+    );
+
+    // Act 1: install.
+    let agent = static_agent();
+    let install = tvctl(
+        &root,
+        &[
+            "--json",
+            "agent",
+            "install",
+            &vm.name,
+            "--agent-binary",
+            agent.to_str().unwrap(),
+            "--agent-timeout",
+            "60",
+        ],
+    );
+    assert_eq!(
+        install.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&install),
+        vm.console_report()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&install.stdout).unwrap();
+    assert_eq!(report["init"], "systemd", "{report}");
+    assert_eq!(report["answered"], true, "{report}");
+    assert_eq!(report["guest_arch"], "x86_64");
+    assert!(
+        report["agent_version"]
+            .as_str()
+            .unwrap()
+            .contains(env!("CARGO_PKG_VERSION")),
+        "{report}"
+    );
+
+    // Act 2: a trace, as the issue says.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deb.dat");
+    let trace = |args: &[&str]| {
+        let mut all = vec!["trace", vm.name.as_str(), "-o", out.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tvctl(&root, &all)
+    };
+    let t = trace(&["--json", "-e", "sched", "--duration", "3"]);
+    assert_eq!(
+        t.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&t),
+        vm.console_report()
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
+    assert!(summary["total_events"].as_u64().unwrap() > 0, "{summary}");
+
+    // The default clock is the one the guest kernel chose at the top level.
+    let top = vm.qga_exec(&["/bin/cat", "/sys/kernel/tracing/trace_clock"]);
+    let top = top.stdout_text();
+    let chosen = top
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no [clock] in {top:?}"));
+    assert_eq!(summary["clock"], chosen, "{summary}");
+    assert_eq!(summary["clock_source"], "guest-default");
+
+    // A command's output comes to the host; its status is in the summary.
+    let t = trace(&[
+        "-e",
+        "sched:sched_switch",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    let log = text(&t);
+    assert_eq!(t.status.code(), Some(0), "{log}");
+    let stdout = String::from_utf8_lossy(&t.stdout);
+    assert!(stdout.starts_with("out\n"), "{log}");
+    assert!(
+        String::from_utf8_lossy(&t.stderr).contains("err\n"),
+        "{log}"
+    );
+    assert!(stdout.contains("exited with 3"), "{log}");
+
+    // Act 3: status, then a reboot: the enabled unit brings the agent back.
+    let status = tvctl(&root, &["--json", "agent", "status", &vm.name]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["service"], "active", "{st}");
+    assert_eq!(st["enabled"], "enabled", "{st}");
+    assert!(
+        st["last_session"]["host"]
+            .as_str()
+            .unwrap()
+            .contains("trace"),
+        "{st}"
+    );
+
+    let boots = vm.console().matches("Welcome to Debian").count();
+    let reboot = std::process::Command::new("virsh")
+        .args(["-c", common::URI, "reboot", &vm.name])
+        .output()
+        .unwrap();
+    assert!(reboot.status.success(), "virsh reboot: {}", text(&reboot));
+    let start = std::time::Instant::now();
+    while vm.console().matches("Welcome to Debian").count() == boots {
+        assert!(
+            start.elapsed() < common::boot_timeout(),
+            "the guest did not reboot\n{}",
+            vm.console_report()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let t = trace(&["--json", "-e", "sched:sched_switch", "--duration", "2"]);
+    assert_eq!(
+        t.status.code(),
+        Some(0),
+        "after reboot: {}\n{}",
+        text(&t),
+        vm.console_report()
+    );
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
