@@ -66,6 +66,27 @@ pub enum Command {
     Trace(TraceArgs),
     /// Serve every set-up domain: users in guests record with `tvctl-agent record`
     Serve(ServeArgs),
+    /// Print a shell completion script (bash: source it, or install it as
+    /// /usr/share/bash-completion/completions/tvctl)
+    Completions(CompletionsArgs),
+    /// Write the man pages (tvctl.1, tvctl-SUBCOMMAND.1) into a folder; for packagers
+    #[command(hide = true)]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: crate::generate::CompletionShell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Folder to write the pages into (created if missing). Not --dir: that global option
+    /// names the per-domain folders
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -366,6 +387,30 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 json: config.json,
             };
             Ok(crate::serve::run(&options)?)
+        }
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            crate::generate::completions(args.shell, &mut script);
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&script)
+                .and_then(|()| stdout.flush())
+                .context("write the completion script to standard output")?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Man(args) => {
+            let pages = crate::generate::man_pages(&args.out_dir).with_context(|| {
+                format!(
+                    "write the man pages into {}: check that the folder is writable",
+                    args.out_dir.display()
+                )
+            })?;
+            if config.verbosity != Verbosity::Quiet {
+                for page in pages {
+                    println!("{}", page.display());
+                }
+            }
+            Ok(ExitCode::Ok)
         }
         Command::Trace(args) => {
             let mut options = args.validate()?;

@@ -21,6 +21,7 @@
 //! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
 //! - `cli` (host): the command line (clap) and the human and JSON output.
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
+//! - `generate` (host): shell completions and man pages from the clap definitions.
 
 pub mod agent;
 pub mod collect;
@@ -39,6 +40,8 @@ pub mod control;
 pub mod domxml;
 #[cfg(feature = "host")]
 pub mod exitcode;
+#[cfg(feature = "host")]
+pub mod generate;
 #[cfg(feature = "host")]
 pub mod libvirt;
 #[cfg(feature = "host")]
