@@ -7,6 +7,7 @@ PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 trace-cmd busybox-static cpio gzip
   binutils kmod iproute2 procps
+  man-db dpkg-dev
 )
 
 need_root() {
