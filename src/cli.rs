@@ -431,12 +431,22 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 )?);
             }
             let mut dirs = Vec::new();
+            let mut setups = Vec::new();
             for dom in &doms {
-                dirs.push(crate::trace::prepare(&hv, &config.dir, dom, args.setup)?);
+                // At once, on stderr: the trace may still fail, the XML has changed anyway.
+                let mut tell = |report: &ChangeReport| {
+                    if config.verbosity != Verbosity::Quiet {
+                        eprint!("{}", print_change(report, Verbosity::Normal));
+                    }
+                };
+                let prepared = crate::trace::prepare(&hv, &config.dir, dom, args.setup, &mut tell)?;
+                dirs.push(prepared.folder);
+                setups.push(prepared.setup);
             }
             if doms.len() == 1 && !args.host {
                 options.domain_dir = dirs.remove(0);
-                let outcome = crate::trace::run(&doms[0], &options)?;
+                let mut outcome = crate::trace::run(&doms[0], &options)?;
+                outcome.summary.setup = setups.remove(0);
                 emit(&config, &outcome.summary, |s, _| s.to_text())?;
                 return Ok(outcome.exit_code());
             }
@@ -454,7 +464,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     .map_or_else(|| PathBuf::from("/sys/kernel/debug"), PathBuf::from),
                 base: options,
             };
-            let summary = crate::trace::timeline::run(&timeline)?;
+            let mut summary = crate::trace::timeline::run(&timeline)?;
+            for (dom, setup) in doms.iter().zip(setups) {
+                let name = dom.name();
+                if let Some(part) = summary.guests.iter_mut().find(|g| g.domain == name) {
+                    part.setup = setup;
+                }
+            }
             emit(&config, &summary, |s, _| s.to_text())?;
             Ok(summary.exit_code())
         }
