@@ -598,12 +598,27 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
             line(format!("{would}remove {path}"));
         }
     }
+    let now = if report.live_possible {
+        " (setup --live hot-plugs them now)".to_owned()
+    } else {
+        format!(
+            ": shut it down and start it again to use them now (a reboot inside the guest is not enough; --live cannot hot-plug them here, `tvctl status {}` says why)",
+            report.domain
+        )
+    };
     let restart = format!(
-        "{} is {}: the channels {} effect at its next boot (setup --live hot-plugs them now)",
+        "{} is {}: the channels {} effect at its next boot{now}",
         report.domain,
         report.state.replace('_', " "),
         if report.dry_run { "would take" } else { "take" }
     );
+    if !report.changed && !setup {
+        line(format!(
+            "{} is not set up (no tvctl channels in its configuration, no folder {}): nothing to remove",
+            report.domain, report.folder
+        ));
+        return out;
+    }
     if !report.changed {
         let vcpus = report.vcpus.unwrap_or_default();
         line(format!(
