@@ -8,6 +8,7 @@ PKGS=(
   qemu-system-x86 trace-cmd busybox-static cpio gzip
   binutils kmod iproute2 procps
   debootstrap e2fsprogs qemu-utils   # the Debian guest: scripts/build-debian-guest.sh, overlays
+  man-db dpkg-dev
 )
 
 need_root() {

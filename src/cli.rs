@@ -69,6 +69,12 @@ pub enum Command {
     /// Install the guest agent into a running guest through qemu-guest-agent, or show it
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Print a shell completion script (bash: source it, or install it as
+    /// /usr/share/bash-completion/completions/tvctl)
+    Completions(CompletionsArgs),
+    /// Write the man pages (tvctl.1, tvctl-SUBCOMMAND.1) into a folder; for packagers
+    #[command(hide = true)]
+    Man(ManArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +103,21 @@ pub struct AgentInstallArgs {
 pub struct AgentStatusArgs {
     /// Domain name, UUID or id (running, with a qemu-guest-agent channel)
     pub domain: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: crate::generate::CompletionShell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Folder to write the pages into (created if missing). Not --dir: that global option
+    /// names the per-domain folders
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -428,6 +449,30 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             emit(&config, &status, |s, _| s.to_text())?;
             Ok(ExitCode::Ok)
         }
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            crate::generate::completions(args.shell, &mut script);
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&script)
+                .and_then(|()| stdout.flush())
+                .context("write the completion script to standard output")?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Man(args) => {
+            let pages = crate::generate::man_pages(&args.out_dir).with_context(|| {
+                format!(
+                    "write the man pages into {}: check that the folder is writable",
+                    args.out_dir.display()
+                )
+            })?;
+            if config.verbosity != Verbosity::Quiet {
+                for page in pages {
+                    println!("{}", page.display());
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Trace(args) => {
             let mut options = args.validate()?;
             options.progress = !config.json && config.verbosity != Verbosity::Quiet;
@@ -448,12 +493,22 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 )?);
             }
             let mut dirs = Vec::new();
+            let mut setups = Vec::new();
             for dom in &doms {
-                dirs.push(crate::trace::prepare(&hv, &config.dir, dom, args.setup)?);
+                // At once, on stderr: the trace may still fail, the XML has changed anyway.
+                let mut tell = |report: &ChangeReport| {
+                    if config.verbosity != Verbosity::Quiet {
+                        eprint!("{}", print_change(report, Verbosity::Normal));
+                    }
+                };
+                let prepared = crate::trace::prepare(&hv, &config.dir, dom, args.setup, &mut tell)?;
+                dirs.push(prepared.folder);
+                setups.push(prepared.setup);
             }
             if doms.len() == 1 && !args.host {
                 options.domain_dir = dirs.remove(0);
-                let outcome = crate::trace::run(&doms[0], &options)?;
+                let mut outcome = crate::trace::run(&doms[0], &options)?;
+                outcome.summary.setup = setups.remove(0);
                 emit(&config, &outcome.summary, |s, _| s.to_text())?;
                 return Ok(outcome.exit_code());
             }
@@ -471,7 +526,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     .map_or_else(|| PathBuf::from("/sys/kernel/debug"), PathBuf::from),
                 base: options,
             };
-            let summary = crate::trace::timeline::run(&timeline)?;
+            let mut summary = crate::trace::timeline::run(&timeline)?;
+            for (dom, setup) in doms.iter().zip(setups) {
+                let name = dom.name();
+                if let Some(part) = summary.guests.iter_mut().find(|g| g.domain == name) {
+                    part.setup = setup;
+                }
+            }
             emit(&config, &summary, |s, _| s.to_text())?;
             Ok(summary.exit_code())
         }
@@ -636,12 +697,27 @@ pub fn print_change(report: &ChangeReport, verbosity: Verbosity) -> String {
             line(format!("{would}remove {path}"));
         }
     }
+    let now = if report.live_possible {
+        " (setup --live hot-plugs them now)".to_owned()
+    } else {
+        format!(
+            ": shut it down and start it again to use them now (a reboot inside the guest is not enough; --live cannot hot-plug them here, `tvctl status {}` says why)",
+            report.domain
+        )
+    };
     let restart = format!(
-        "{} is {}: the channels {} effect at its next boot (setup --live hot-plugs them now)",
+        "{} is {}: the channels {} effect at its next boot{now}",
         report.domain,
         report.state.replace('_', " "),
         if report.dry_run { "would take" } else { "take" }
     );
+    if !report.changed && !setup {
+        line(format!(
+            "{} is not set up (no tvctl channels in its configuration, no folder {}): nothing to remove",
+            report.domain, report.folder
+        ));
+        return out;
+    }
     if !report.changed {
         let vcpus = report.vcpus.unwrap_or_default();
         line(format!(

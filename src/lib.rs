@@ -22,6 +22,7 @@
 //! - `setup` (host): `tvctl setup`/`teardown`/`status`: plan, apply, roll back, report.
 //! - `cli` (host): the command line (clap) and the human and JSON output.
 //! - `exitcode` (host): every exit code of `tvctl`, defined once.
+//! - `generate` (host): shell completions and man pages from the clap definitions.
 
 pub mod agent;
 pub mod collect;
@@ -40,6 +41,8 @@ pub mod control;
 pub mod domxml;
 #[cfg(feature = "host")]
 pub mod exitcode;
+#[cfg(feature = "host")]
+pub mod generate;
 #[cfg(feature = "host")]
 pub mod guestinstall;
 #[cfg(feature = "host")]

@@ -199,6 +199,14 @@ impl Hypervisor {
             .map_err(|e| LibvirtError::other("read capabilities", e))
     }
 
+    /// The version of the libvirt daemon serving this connection, as major * 1,000,000 +
+    /// minor * 1,000 + micro (libvirt's own encoding).
+    pub fn lib_version(&self) -> Result<u32, LibvirtError> {
+        self.conn
+            .lib_version()
+            .map_err(|e| LibvirtError::other("read the libvirt version", e))
+    }
+
     /// QEMU's uid and gid from the DAC security model's base label, if libvirt has one.
     pub fn qemu_dac_label(&self) -> Result<Option<(u32, u32)>, LibvirtError> {
         Ok(parse_dac_baselabel(&self.capabilities()?))

@@ -15,6 +15,7 @@
 //! are unplugged (and unplugged ones plugged back), the old XML is defined again and the
 //! file journal puts the files back. The domain's XML and the filesystem are then as before.
 
+pub mod live;
 mod report;
 mod status;
 mod teardown;
@@ -63,8 +64,6 @@ pub enum SetupError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("domain '{domain}' is not set up (no tvctl channels in its configuration, no folder {folder}): nothing to tear down")]
-    NotSetUp { domain: String, folder: String },
     #[error("{step} failed; every change was undone")]
     RolledBack {
         step: &'static str,
@@ -102,7 +101,6 @@ impl SetupError {
             | SetupError::NoLiveController { .. }
             | SetupError::HotplugUnsupported { .. } => ExitCode::DomainXmlConflict,
             SetupError::BadState { .. } => ExitCode::HostFileConflict,
-            SetupError::NotSetUp { .. } => ExitCode::NotSetUp,
             SetupError::RolledBack { source, .. } => source.exit_code(),
             SetupError::RollbackFailed { .. } => ExitCode::Internal,
         }
@@ -199,9 +197,12 @@ pub fn setup(
         detached: live.detach.iter().map(|d| d.name.clone()).collect(),
     };
     report.changed = edit.changed || !file_ops.is_empty() || !live.is_empty();
-    report.restart_needed = state.is_active()
-        && !options.live
-        && domxml::apply_plan(&target.dom.live_xml()?, &plan).map_or(true, |e| e.changed);
+    if state.is_active() {
+        let live_xml = target.dom.live_xml()?;
+        report.live_possible = live::hotplug_possible(hv.lib_version()?, &live_xml);
+        report.restart_needed =
+            !options.live && domxml::apply_plan(&live_xml, &plan).map_or(true, |e| e.changed);
+    }
     if options.dry_run {
         report.xml_diff = domxml::unified_diff(&before, &edit.xml, "domain.xml");
         return Ok(report);
@@ -363,6 +364,7 @@ impl<'a> Target<'a> {
             files: FileChanges::default(),
             live: LiveChanges::default(),
             restart_needed: false,
+            live_possible: false,
             xml_diff: String::new(),
         }
     }

@@ -250,3 +250,96 @@ fn hot_plug_failing_half_way_undoes_every_change() {
     assert_eq!(live_names(&vm), Vec::<String>::new());
     assert!(!folder_of(&vm).exists(), "{stderr}");
 }
+
+#[test]
+fn trace_setup_says_what_it_changed_even_when_the_trace_cannot_start() {
+    // Arrange: a running domain without our channels; setup can only change its configuration.
+    let vm = TestVm::define("ts-run", 1, |xml, _| xml.to_owned());
+    let root = root_of(&vm);
+    vm.start();
+
+    // Act
+    let out = run(
+        &root,
+        &[
+            "trace",
+            &vm.name,
+            "--setup",
+            "-e",
+            "sched",
+            "--duration",
+            "1",
+        ],
+    );
+
+    // Assert: the trace stops (restart needed), but stderr tells what setup changed.
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(ExitCode::NotSetUp.code())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("setup {} (", vm.name)), "{stderr}");
+    assert!(
+        stderr.contains("added channels agent-ctl-path, trace-path-cpu0"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("restart it"), "{stderr}");
+    let inactive = vm.dom.inactive_xml().unwrap();
+    assert_eq!(domxml::our_channels(&inactive).unwrap().len(), 2);
+}
+
+#[test]
+fn trace_setup_puts_the_change_in_the_json_summary() {
+    // Arrange: a domain that is off and not set up.
+    let vm = TestVm::define("ts-json", 1, |xml, _| xml.to_owned());
+    let root = root_of(&vm);
+    let out_file = vm.dir.join("setup.dat");
+
+    // Act: --setup, then the trace boots the domain.
+    let out = run(
+        &root,
+        &[
+            "--json",
+            "trace",
+            &vm.name,
+            "--setup",
+            "-e",
+            "sched:sched_switch",
+            "--duration",
+            "1",
+            "-o",
+            out_file.to_str().unwrap(),
+        ],
+    );
+
+    // Assert
+    let summary = json(&expect_code(&out, ExitCode::Ok));
+    assert_eq!(summary["setup"]["command"], "setup");
+    assert_eq!(
+        summary["setup"]["channels"]["added"],
+        serde_json::json!(["agent-ctl-path", "trace-path-cpu0"])
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("added channels"),
+        "{out:?}"
+    );
+    // A second run has nothing to set up: null.
+    let again = run(
+        &root,
+        &[
+            "--json",
+            "trace",
+            &vm.name,
+            "--setup",
+            "-e",
+            "sched:sched_switch",
+            "--duration",
+            "1",
+            "-o",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    let summary = json(&expect_code(&again, ExitCode::Ok));
+    assert_eq!(summary["setup"], serde_json::Value::Null);
+}

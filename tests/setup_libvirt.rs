@@ -579,14 +579,32 @@ fn dir_on_a_filesystem_without_fifos_exits_7_names_it_and_changes_nothing() {
 }
 
 #[test]
-fn teardown_of_a_domain_not_set_up_exits_8() {
+fn teardown_of_a_domain_not_set_up_exits_0_and_changes_nothing() {
     let lab = Lab::new("not-setup", 1);
     let before = lab.snapshot();
 
     let out = run(&lab.root, &["teardown", lab.name()]);
 
-    expect_code(&out, ExitCode::NotSetUp);
-    assert!(text(&out.stderr).contains("nothing to tear down"));
+    let stdout = expect_code(&out, ExitCode::Ok);
+    assert!(stdout.contains("nothing to remove"), "{stdout}");
+    assert_eq!(lab.snapshot(), before);
+}
+
+#[test]
+fn teardown_twice_exits_0_and_the_second_changes_nothing() {
+    // Arrange
+    let lab = Lab::new("td-twice", 1);
+    expect_code(&run(&lab.root, &["setup", lab.name()]), ExitCode::Ok);
+    expect_code(&run(&lab.root, &["teardown", lab.name()]), ExitCode::Ok);
+    let before = lab.snapshot();
+
+    // Act
+    let out = run(&lab.root, &["--json", "teardown", lab.name()]);
+
+    // Assert
+    let report: serde_json::Value = serde_json::from_str(&expect_code(&out, ExitCode::Ok)).unwrap();
+    assert_eq!(report["changed"], false);
+    assert_eq!(report["channels"]["removed"], serde_json::json!([]));
     assert_eq!(lab.snapshot(), before);
 }
 

@@ -61,6 +61,7 @@ fn setup_report() -> ChangeReport {
         },
         live: LiveChanges::default(),
         restart_needed: true,
+        live_possible: false,
         xml_diff: "--- a/domain.xml\n+++ b/domain.xml\n@@ -1 +1,2 @@\n <devices>\n+  <channel/>\n"
             .into(),
     }
@@ -197,10 +198,17 @@ fn status_json_matches_golden_file() {
 fn human_output_matches_golden_files() {
     let mut unchanged = setup_report();
     unchanged.changed = false;
+    let mut hot_pluggable = setup_report();
+    hot_pluggable.live_possible = true;
+    let mut nothing_to_remove = teardown_report();
+    nothing_to_remove.dry_run = false;
+    nothing_to_remove.changed = false;
     let text = [
         print_change(&setup_report(), Verbosity::Normal),
         print_change(&unchanged, Verbosity::Normal),
+        print_change(&hot_pluggable, Verbosity::Normal),
         print_change(&teardown_report(), Verbosity::Normal),
+        print_change(&nothing_to_remove, Verbosity::Normal),
         print_status(&status_report(), Verbosity::Normal),
         print_status(
             &StatusReport {

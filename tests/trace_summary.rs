@@ -23,6 +23,7 @@ fn example() -> TraceSummary {
         timestamps_backwards: 0,
     };
     TraceSummary {
+        setup: None,
         schema: SCHEMA,
         domain: "web1".into(),
         output: "/tmp/trace-web1.dat".into(),

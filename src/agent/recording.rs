@@ -53,7 +53,7 @@ impl Refusal {
 impl From<TracefsError> for Refusal {
     fn from(e: TracefsError) -> Refusal {
         let code = match e {
-            TracefsError::UnknownEvent(_) => ErrorCode::UnknownEvent,
+            TracefsError::UnknownEvent { .. } => ErrorCode::UnknownEvent,
             TracefsError::BadEventSpec(_) => ErrorCode::BadRequest,
             TracefsError::UnknownClock(_) => ErrorCode::UnknownClock,
             TracefsError::Mount(_) | TracefsError::Io { .. } => ErrorCode::Tracefs,
@@ -548,18 +548,33 @@ fn check_buffer_kb(kb: u32, cpus: u32) -> Result<(), Refusal> {
             format!("buffer size {kb} KiB per CPU is out of range (1..={MAX_BUFFER_KB})"),
         ));
     }
-    if let Some(avail_kb) = mem_available_kb() {
-        let want = u64::from(kb) * u64::from(cpus.max(1));
-        if want > avail_kb / 2 {
-            return Err(Refusal::new(
-                ErrorCode::BadBufferSize,
-                format!(
-                    "buffer size {kb} KiB x {cpus} CPUs needs {want} KiB, but the guest has only {avail_kb} KiB available; use a smaller -b"
-                ),
-            ));
-        }
+    match mem_available_kb() {
+        Some(avail_kb) => check_buffer_fits(kb, cpus, avail_kb),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The ring buffers of all CPUs may take at most half of the guest's available memory
+/// (`MemAvailable`); the refusal names the rule and the largest `-b` that fits.
+fn check_buffer_fits(kb: u32, cpus: u32, avail_kb: u64) -> Result<(), Refusal> {
+    let cpus = u64::from(cpus.max(1));
+    let want = u64::from(kb) * cpus;
+    let half = avail_kb / 2;
+    if want <= half {
+        return Ok(());
+    }
+    let largest = half / cpus;
+    let advice = if largest == 0 {
+        "free memory in the guest or give it more".to_owned()
+    } else {
+        format!("use -b {largest} or less")
+    };
+    Err(Refusal::new(
+        ErrorCode::BadBufferSize,
+        format!(
+            "buffer size {kb} KiB x {cpus} CPUs needs {want} KiB, but the ring buffers may take at most half of the guest's available memory ({half} of {avail_kb} KiB): {advice}"
+        ),
+    ))
 }
 
 fn mem_available_kb() -> Option<u64> {
@@ -597,6 +612,30 @@ mod tests {
         assert!(check_buffer_kb(0, 1).is_err());
         assert!(check_buffer_kb(MAX_BUFFER_KB + 1, 1).is_err());
         assert!(check_buffer_kb(1024, 1).is_ok());
+    }
+
+    #[test]
+    fn a_buffer_over_half_the_free_memory_is_refused_naming_the_largest_that_fits() {
+        let err = check_buffer_fits(400_000, 2, 831_484).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadBufferSize);
+        assert_eq!(
+            err.text,
+            "buffer size 400000 KiB x 2 CPUs needs 800000 KiB, but the ring buffers may take at \
+             most half of the guest's available memory (415742 of 831484 KiB): use -b 207871 or less"
+        );
+        assert!(check_buffer_fits(207_871, 2, 831_484).is_ok());
+        assert!(check_buffer_fits(207_872, 2, 831_484).is_err());
+    }
+
+    #[test]
+    fn a_guest_without_free_memory_is_told_so() {
+        let err = check_buffer_fits(1, 4, 6).unwrap_err();
+        assert!(
+            err.text
+                .ends_with("free memory in the guest or give it more"),
+            "{}",
+            err.text
+        );
     }
 
     #[test]

@@ -24,8 +24,12 @@ pub enum TracefsError {
         #[source]
         source: io::Error,
     },
-    #[error("event '{0}' matches no event in available_events")]
-    UnknownEvent(String),
+    #[error("event '{spec}' matches no event in available_events{}", did_you_mean(.suggestions))]
+    UnknownEvent {
+        spec: String,
+        /// Up to [`MAX_SUGGESTIONS`] close names (`system:event`, or a system), closest first.
+        suggestions: Vec<String>,
+    },
     #[error("event spec '{0}' is malformed (use system, system:event, event or a glob)")]
     BadEventSpec(String),
     #[error("trace clock '{0}' is not offered by this kernel (see trace_clock)")]
@@ -281,11 +285,98 @@ pub fn resolve_events(
             }
         };
         if matched.is_empty() {
-            return Err(TracefsError::UnknownEvent(spec.clone()));
+            return Err(TracefsError::UnknownEvent {
+                spec: spec.clone(),
+                suggestions: close_events(spec_t, available),
+            });
         }
         chosen.extend(matched.into_iter().cloned());
     }
     Ok(chosen.into_iter().collect())
+}
+
+/// How many "did you mean" names an unknown event gets.
+pub const MAX_SUGGESTIONS: usize = 3;
+
+/// Specs longer than this get no suggestions: nobody mistypes 64 characters, and the edit
+/// distance costs length x length per available event.
+const MAX_SUGGEST_LEN: usize = 64;
+
+fn did_you_mean(suggestions: &[String]) -> String {
+    if suggestions.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean {}?", suggestions.join(", "))
+    }
+}
+
+/// Up to [`MAX_SUGGESTIONS`] available names close to `spec`, closest first: events (printed
+/// `system:event`) and systems within a small edit distance of it, or starting with it. A
+/// `system:event` spec is compared with whole names, a bare one with event and system names.
+/// Globs get none (what they meant is anyone's guess).
+pub fn close_events(spec: &str, available: &[EventName]) -> Vec<String> {
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec.len() < 2 || spec.len() > MAX_SUGGEST_LEN || spec.contains(['*', '?']) {
+        return Vec::new();
+    }
+    // One typo in a short name, about one in four in a long one.
+    let limit = (spec.len() / 4).max(1);
+    let score = |name: &str| -> Option<usize> {
+        if spec.len() >= 3 && name.starts_with(&spec) {
+            return Some(1);
+        }
+        let d = edit_distance(&spec, name);
+        (d <= limit).then_some(d)
+    };
+    let mut scored: Vec<(usize, String)> = Vec::new();
+    let mut systems = BTreeSet::new();
+    for e in available {
+        let full = e.to_string();
+        let s = if spec.contains(':') {
+            score(&full)
+        } else {
+            score(&e.event)
+        };
+        if let Some(s) = s {
+            scored.push((s, full));
+        }
+        if !spec.contains(':') && systems.insert(e.system.as_str()) {
+            if let Some(s) = score(&e.system) {
+                scored.push((s, e.system.clone()));
+            }
+        }
+    }
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored
+        .into_iter()
+        .take(MAX_SUGGESTIONS)
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// Edit distance over bytes (tracefs names are ASCII): insertions, deletions, substitutions
+/// and swaps of two neighbours (`shced` is one typo from `sched`), each costing 1.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for i in 0..a.len() {
+        cur[0] = i + 1;
+        for j in 0..b.len() {
+            let mut d = (prev[j] + usize::from(a[i] != b[j]))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+            if i > 0 && j > 0 && a[i] == b[j - 1] && a[i - 1] == b[j] {
+                d = d.min(before[j - 1] + 1);
+            }
+            cur[j + 1] = d;
+        }
+        std::mem::swap(&mut before, &mut prev);
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
 }
 
 /// Shell-style glob with `*` and `?`, no character classes.
@@ -506,7 +597,7 @@ mod tests {
     fn unknown_and_malformed_specs_are_errors() {
         assert!(matches!(
             resolve_events(&["nosuch".into()], &sample()),
-            Err(TracefsError::UnknownEvent(_))
+            Err(TracefsError::UnknownEvent { .. })
         ));
         assert!(matches!(
             resolve_events(&["../etc:passwd".into()], &sample()),
@@ -516,6 +607,49 @@ mod tests {
             resolve_events(&["".into()], &sample()),
             Err(TracefsError::BadEventSpec(_))
         ));
+    }
+
+    #[test]
+    fn a_mistyped_event_gets_did_you_mean() {
+        let err = resolve_events(&["sched_swich".into()], &sample()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "event 'sched_swich' matches no event in available_events; did you mean sched:sched_switch?"
+        );
+    }
+
+    #[test]
+    fn suggestions_cover_full_names_prefixes_and_systems() {
+        assert_eq!(
+            close_events("sched:sched_wakup", &sample()),
+            ["sched:sched_wakeup"]
+        );
+        assert_eq!(
+            close_events("irq_handler", &sample()),
+            ["irq:irq_handler_entry"]
+        );
+        assert_eq!(close_events("shced", &sample()), ["sched"]);
+    }
+
+    #[test]
+    fn suggestions_are_at_most_three_and_none_for_far_names_or_globs() {
+        let many: Vec<EventName> = (0..10)
+            .filter_map(|i| EventName::parse(&format!("sys:event_{i}")))
+            .collect();
+        assert_eq!(close_events("event_", &many).len(), MAX_SUGGESTIONS);
+        assert!(close_events("network", &sample()).is_empty());
+        assert!(close_events("sched_swi*", &sample()).is_empty());
+        let err = resolve_events(&["nosuch".into()], &sample()).unwrap_err();
+        assert!(!err.to_string().contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(edit_distance("sched_swich", "sched_switch"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("shced", "sched"), 1);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct ChangeReport {
     /// The domain runs with other channels than its configuration now has: they take
     /// effect at its next boot.
     pub restart_needed: bool,
+    /// `setup --live` can hot-plug the channels into this running domain: libvirt hot-plugs
+    /// pipe chardevs and the domain has a virtio-serial controller (see `setup::live`);
+    /// false when the domain is not running.
+    pub live_possible: bool,
     /// Unified diff of the persistent domain XML, as libvirt returns it, before and after
     /// (with `dry_run`: against the XML tvctl would define). Empty when unchanged.
     pub xml_diff: String,

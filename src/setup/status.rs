@@ -21,14 +21,20 @@ pub fn status(
     spec: Option<&str>,
 ) -> Result<StatusReport, SetupError> {
     let qemu = hv.qemu_dac_label()?;
+    let libvirt_version = hv.lib_version()?;
     let mut domains = Vec::new();
     match spec {
-        Some(spec) => domains.push(domain_status(&hv.lookup(spec)?, root, qemu)?),
+        Some(spec) => domains.push(domain_status(
+            &hv.lookup(spec)?,
+            root,
+            qemu,
+            libvirt_version,
+        )?),
         None => {
             for name in hv.domain_names()? {
                 // A domain may vanish between listing and lookup; it is then not ours to show.
                 let Ok(dom) = hv.lookup(&name) else { continue };
-                let status = domain_status(&dom, root, qemu)?;
+                let status = domain_status(&dom, root, qemu, libvirt_version)?;
                 if status.set_up || status.files.folder {
                     domains.push(status);
                 }
@@ -64,6 +70,7 @@ fn domain_status(
     dom: &Dom,
     root: &Path,
     qemu: Option<(u32, u32)>,
+    libvirt_version: u32,
 ) -> Result<DomainStatus, SetupError> {
     let name = dom.name();
     let folder = DomainFolder::new(root, &name)?;
@@ -128,13 +135,19 @@ fn domain_status(
         }
     }
     let live_channels = if state.is_active() {
-        let live = domxml::our_channels(&dom.live_xml()?).unwrap_or_default();
+        let live_xml = dom.live_xml()?;
+        let live = domxml::our_channels(&live_xml).unwrap_or_default();
         let live_count = count(live.iter());
         if set_up && live_count != count(ours.iter()) {
+            let remedy = if super::live::hotplug_possible(libvirt_version, &live_xml) {
+                format!("restart it, or run `tvctl setup --live {name}`")
+            } else {
+                restart_remedy(&live_xml, libvirt_version)
+            };
             problem(
                 ProblemKind::NotSetUp,
                 format!(
-                    "the running domain has {live_count} of the {} channels in its configuration: restart it, or run `tvctl setup --live {name}`",
+                    "the running domain has {live_count} of the {} channels in its configuration: {remedy}",
                     ours.len()
                 ),
             );
@@ -163,6 +176,21 @@ fn domain_status(
         serve: None,
         problems,
     })
+}
+
+/// Why `setup --live` cannot help this running domain, and the restart that does.
+fn restart_remedy(live_xml: &str, libvirt_version: u32) -> String {
+    let why = if libvirt_version < super::live::PIPE_HOTPLUG_SINCE {
+        format!(
+            "libvirt {} cannot hot-plug pipe channels",
+            super::live::version_text(libvirt_version)
+        )
+    } else if domxml::virtio_serial_controllers(live_xml).is_ok_and(|c| c.is_empty()) {
+        "it runs without a virtio-serial controller, which cannot be hot-plugged".to_owned()
+    } else {
+        "the channels cannot be hot-plugged".to_owned()
+    };
+    format!("restart it (shut it down and start it again; a reboot inside the guest is not enough): {why}")
 }
 
 fn count<T>(items: impl Iterator<Item = T>) -> u32 {

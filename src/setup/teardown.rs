@@ -20,7 +20,8 @@ pub struct TeardownOptions {
     pub dry_run: bool,
 }
 
-/// Removes tvctl's channels and files from domain `spec` (name, UUID or id).
+/// Removes tvctl's channels and files from domain `spec` (name, UUID or id). A domain with
+/// nothing of tvctl's is no error: the report says nothing changed.
 pub fn teardown(
     hv: &Hypervisor,
     root: &Path,
@@ -55,14 +56,12 @@ pub fn teardown(
     } else {
         Vec::new()
     };
-    if removed.is_empty() && file_ops.is_empty() && detach.is_empty() {
-        return Err(SetupError::NotSetUp {
-            domain: target.name.clone(),
-            folder: dir,
-        });
-    }
     let mut report = target.report("teardown", options.dry_run, report::state_name(state));
-    report.changed = true;
+    // Idempotent like setup: nothing of ours left is success, said as such.
+    report.changed = !(removed.is_empty() && file_ops.is_empty() && detach.is_empty());
+    if !report.changed {
+        return Ok(report);
+    }
     report.channels = ChannelChanges {
         added: Vec::new(),
         removed,

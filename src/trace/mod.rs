@@ -182,15 +182,26 @@ pub fn summary_exit_code(s: &TraceSummary) -> ExitCode {
     }
 }
 
+/// A domain ready to trace.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The domain's folder.
+    pub folder: PathBuf,
+    /// What `--setup` (or the repair of missing files) changed; `None` when nothing changed.
+    /// The persistent XML may have changed even if the trace then fails: say it at once.
+    pub setup: Option<crate::setup::ChangeReport>,
+}
+
 /// Makes sure `dom` is ready to trace: set up (running `tvctl setup` when asked, or when only
 /// files are missing, such as FIFOs deleted since), and, if it runs, running with our
-/// channels. Returns the domain's folder.
+/// channels. `changed` hears at once what setup changed, before anything else can fail.
 pub fn prepare(
     hv: &crate::libvirt::Hypervisor,
     root: &Path,
     dom: &Dom,
     run_setup: bool,
-) -> Result<PathBuf, TraceError> {
+    changed: &mut dyn FnMut(&crate::setup::ChangeReport),
+) -> Result<Prepared, TraceError> {
     let name = dom.name();
     let status = crate::setup::status(hv, root, Some(&dom.uuid()))?;
     let Some(st) = status.domains.first() else {
@@ -199,6 +210,7 @@ pub fn prepare(
     if !st.set_up && !run_setup {
         return Err(TraceError::NotSetUp { domain: name });
     }
+    let mut setup = None;
     if run_setup || !st.ok {
         // Idempotent: recreates what is missing (FIFOs), changes nothing that is right, and
         // fails with a precise error on a real conflict.
@@ -209,7 +221,11 @@ pub fn prepare(
             live: false,
             group: None,
         };
-        crate::setup::setup(hv, root, &dom.uuid(), &options)?;
+        let report = crate::setup::setup(hv, root, &dom.uuid(), &options)?;
+        if report.changed {
+            changed(&report);
+            setup = Some(report);
+        }
     }
     if dom.is_active()? {
         let live = dom.live_xml()?;
@@ -230,7 +246,10 @@ pub fn prepare(
             check_qemu_holds_fifos(folder.path(), pid, &name)?;
         }
     }
-    Ok(folder.path().to_path_buf())
+    Ok(Prepared {
+        folder: folder.path().to_path_buf(),
+        setup,
+    })
 }
 
 /// A FIFO deleted (and recreated by setup) while the domain runs is not the one QEMU writes
@@ -586,6 +605,21 @@ impl LiveLoss {
     }
 }
 
+/// What the live display says when a graceful stop begins: why, and how to stop waiting for
+/// the drain (a Ctrl-C now is the first one only when the stop was not a Ctrl-C itself).
+fn stopping_line(cause: StopCause, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    match cause {
+        StopCause::Interrupt => {
+            format!("stopping after {secs:.1} s; draining the guest (Ctrl-C again to stop waiting)")
+        }
+        other => format!(
+            "{} after {secs:.1} s; draining the guest (Ctrl-C to stop waiting)",
+            other.describe()
+        ),
+    }
+}
+
 /// Stops the recording and reads every stream to the agent's count; a second Ctrl-C, the
 /// domain dying or the agent falling silent end the wait with what arrived. Returns the
 /// final stop cause.
@@ -611,16 +645,7 @@ pub(crate) fn stop_and_drain(
         }
         _ => {}
     }
-    let by_user = matches!(cause, StopCause::Interrupt);
-    progress.println(&format!(
-        "stopping after {:.1} s{}",
-        elapsed.as_secs_f64(),
-        if by_user {
-            " (Ctrl-C again to stop waiting)"
-        } else {
-            ""
-        }
-    ));
+    progress.println(&stopping_line(cause, elapsed));
     watch.rebase();
     let collected = rec.stop(Duration::from_secs(60), &mut || watch.check());
     let cause = match (&collected.end, cause) {
@@ -767,6 +792,7 @@ pub(crate) fn summarise(
     }
     let guest_problems = collected.problems.to_notes();
     TraceSummary {
+        setup: None,
         schema: summary::SCHEMA,
         domain: dom.map_or_else(|| "host".to_string(), |d| d.name()),
         output: opts.output.display().to_string(),
@@ -900,4 +926,27 @@ fn page_layout(files: &BTreeMap<String, Vec<u8>>, page_size: u32) -> Option<Page
         page_size,
     )
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duration_stop_does_not_speak_of_ctrl_c_again() {
+        let line = stopping_line(StopCause::Duration, Duration::from_secs(10));
+        assert_eq!(
+            line,
+            "duration reached after 10.0 s; draining the guest (Ctrl-C to stop waiting)"
+        );
+        let line = stopping_line(StopCause::MaxSize, Duration::from_millis(2500));
+        assert!(line.starts_with("--max-size reached after 2.5 s"), "{line}");
+        assert!(!line.contains("again"), "{line}");
+    }
+
+    #[test]
+    fn a_ctrl_c_stop_says_a_second_one_stops_waiting() {
+        let line = stopping_line(StopCause::Interrupt, Duration::from_secs(3));
+        assert!(line.contains("Ctrl-C again to stop waiting"), "{line}");
+    }
 }

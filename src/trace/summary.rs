@@ -131,6 +131,9 @@ pub struct TraceSummary {
     pub sync: Option<super::timeline::SyncSummary>,
     /// Notes worth a look (splice fallback, stale data discarded, streams cut short).
     pub notes: Vec<String>,
+    /// What `--setup` changed before the recording, as `tvctl setup --json` reports it;
+    /// `null` when it changed nothing or did not run.
+    pub setup: Option<crate::setup::ChangeReport>,
 }
 
 impl TraceSummary {
