@@ -118,15 +118,15 @@ impl DebianVm {
     pub fn define(tag: &str, vcpus: u32, edit: impl FnOnce(&str, &Path) -> String) -> DebianVm {
         let hv = hypervisor();
         let name = unique_name(tag);
+        let overlay = debian_guest_dir()
+            .join("overlays")
+            .join(format!("{name}.qcow2"));
+        create_overlay(&overlay);
         let dir = lab_root().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test folder");
         set_mode(&dir, 0o755);
         let console_log = dir.join("console.log");
-        let overlay = debian_guest_dir()
-            .join("overlays")
-            .join(format!("{name}.qcow2"));
-        create_overlay(&overlay);
         let xml = edit(&debian_xml(&name, vcpus, &overlay, &console_log), &dir);
         let dom = hv.define(&xml).unwrap_or_else(|e| {
             let _ = std::fs::remove_file(&overlay);
