@@ -9,9 +9,10 @@
 # ext4, sparse; each domain gets a qcow2 overlay on it, scripts/debian-guest-domain.sh) and
 # kernel-release.
 # The cache in .cache/debian-guest has one stage per step, each keyed on what goes into it:
-# debootstrap (suite, mirror, package list), the configured root (that key plus the text of
-# configure_rootfs below), the image (that key plus the size). A second run with nothing changed
-# takes seconds; delete .cache/debian-guest to fetch newer packages.
+# debootstrap (suite, mirror, package list), the configured root (the versions debootstrap
+# installed plus the text of configure_rootfs below), the image (that key plus the size). A
+# second run with nothing changed takes seconds; delete .cache/debian-guest to fetch newer
+# packages.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cache="$top/.cache/debian-guest"
@@ -71,14 +72,19 @@ stage_done() { [ "$(cat "$cache/$1.key" 2>/dev/null)" = "$2" ] && [ -e "$cache/$
 boot_key=$(printf '%s\n' "$suite" "$mirror" minbase "${PKGS[@]}" | key_of)
 if ! stage_done bootstrap "$boot_key"; then
   echo "build-debian-guest: debootstrap $suite from $mirror (a few minutes)"
-  rm -rf --one-file-system "$cache/bootstrap" "$cache/bootstrap.tmp"
+  rm -rf --one-file-system "$cache/bootstrap.tmp"
   debootstrap --variant=minbase --include="$(IFS=,; echo "${PKGS[*]}")" \
     "$suite" "$cache/bootstrap.tmp" "$mirror" > "$cache/debootstrap.log" 2>&1 \
     || { tail -n 30 "$cache/debootstrap.log" >&2
          die "debootstrap failed (whole log: $cache/debootstrap.log); is $mirror reachable?"; }
+  # The old tree goes only now: a failed run leaves the last good cache as it was.
+  rm -rf --one-file-system "$cache/bootstrap"
   mv "$cache/bootstrap.tmp" "$cache/bootstrap"
   echo "$boot_key" > "$cache/bootstrap.key"
 fi
+# What debootstrap installed, name and version: the later stages are keyed on this, so a
+# rebuild that fetched newer packages makes a new image (and one that did not changes nothing).
+pkgs_id=$(dpkg-query --admindir="$cache/bootstrap/var/lib/dpkg" -W | key_of)
 
 # Turns the debootstrapped tree $1 into the test guest's root.
 configure_rootfs() {
@@ -109,15 +115,16 @@ configure_rootfs() {
 }
 
 # 2. The configured root: a copy of the debootstrapped tree, configured. Seconds.
-root_key=$( (echo "$boot_key"; declare -f configure_rootfs; printf '%s\n' "${MASK[@]}") | key_of)
+root_key=$( (echo "$pkgs_id"; declare -f configure_rootfs; printf '%s\n' "${MASK[@]}") | key_of)
 if ! stage_done rootfs "$root_key"; then
   echo "build-debian-guest: configuring the guest root"
-  rm -rf --one-file-system "$cache/rootfs" "$cache/rootfs.tmp"
+  rm -rf --one-file-system "$cache/rootfs.tmp"
   cp -a "$cache/bootstrap" "$cache/rootfs.tmp"
   configure_rootfs "$cache/rootfs.tmp"
   if find "$cache/rootfs.tmp" -xdev -name 'tvctl-agent*' | grep -q .; then
     die "the guest root holds a tvctl-agent; the tests must install it themselves"
   fi
+  rm -rf --one-file-system "$cache/rootfs"
   mv "$cache/rootfs.tmp" "$cache/rootfs"
   echo "$root_key" > "$cache/rootfs.key"
 fi
@@ -132,7 +139,7 @@ kver=$kvers
 image_key=$(printf '%s\n' "$root_key" "$image_size" | key_of)
 if ! stage_done base.img "$image_key"; then
   echo "build-debian-guest: writing the $image_size ext4 image"
-  rm -f "$cache/base.img" "$cache/base.img.tmp"
+  rm -f "$cache/base.img.tmp"
   mkfs.ext4 -q -F -L tvctl-debian -d "$root" "$cache/base.img.tmp" "$image_size" >/dev/null \
     || die "mkfs.ext4 -d failed; it needs e2fsprogs >= 1.43 (apt-get install e2fsprogs)"
   mv "$cache/base.img.tmp" "$cache/base.img"

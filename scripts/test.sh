@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone, as root: installs what is missing, starts libvirtd,
-# builds the built-in guest, then runs the checks and every test tier (docs/testing.md):
+# builds the built-in guest and the Debian guest, then runs the checks and every test tier
+# (docs/testing.md):
 #   fmt, clippy (host and agent builds), pure + integration tests, guest tests.
 # A tier that needs libvirt or the guest fails when they are missing; nothing is skipped.
 set -euo pipefail
@@ -34,6 +35,8 @@ if [ ! -e /sys/kernel/tracing/events/header_page ]; then
   mount -t tracefs nodev /sys/kernel/tracing
 fi
 tier "build guest" scripts/build-guest.sh
+# The Debian guest (systemd + qemu-guest-agent) of tests/guest_debian.rs; minutes once, then cached.
+tier "build Debian guest" scripts/build-debian-guest.sh
 check "fmt" cargo fmt --check
 check "clippy (host)" cargo clippy --all-targets -- -D warnings
 check "clippy (agent, no host features)" cargo clippy --no-default-features --lib --bin tvctl-agent -- -D warnings

@@ -118,15 +118,15 @@ impl DebianVm {
     pub fn define(tag: &str, vcpus: u32, edit: impl FnOnce(&str, &Path) -> String) -> DebianVm {
         let hv = hypervisor();
         let name = unique_name(tag);
+        let overlay = debian_guest_dir()
+            .join("overlays")
+            .join(format!("{name}.qcow2"));
+        create_overlay(&overlay);
         let dir = lab_root().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test folder");
         set_mode(&dir, 0o755);
         let console_log = dir.join("console.log");
-        let overlay = debian_guest_dir()
-            .join("overlays")
-            .join(format!("{name}.qcow2"));
-        create_overlay(&overlay);
         let xml = edit(&debian_xml(&name, vcpus, &overlay, &console_log), &dir);
         let dom = hv.define(&xml).unwrap_or_else(|e| {
             let _ = std::fs::remove_file(&overlay);
@@ -180,12 +180,26 @@ impl DebianVm {
     /// Sends one qemu-ga command (`{"execute": ..., "arguments": ...}`) through libvirt and
     /// returns its `return` value, or the error virsh printed. `timeout` bounds the wait for
     /// the guest's answer (libvirt's own default would wait for ever on a hung agent).
+    ///
+    /// Two limits of this path, both measured: the command travels as one argument of virsh,
+    /// and Linux caps one argument at 128 KiB (so guest-exec input-data or a guest-file-write
+    /// chunk of more than about 90 KiB of raw bytes fails with E2BIG: split it); and libvirt
+    /// refuses an answer over 10 MiB ("No complete agent response found in 10485760 bytes")
+    /// and then treats that domain's agent as broken until QEMU restarts (destroy + start; a
+    /// guest reboot is not enough). Base64 makes 10 MiB about 7.5 MiB of output.
     pub fn qga(&self, command: &Value, timeout: Duration) -> Result<Value, String> {
+        let command = command.to_string();
+        if command.len() >= MAX_VIRSH_ARG {
+            return Err(format!(
+                "qemu-ga command of {} bytes: over the {MAX_VIRSH_ARG}-byte limit of one virsh argument; split the data",
+                command.len()
+            ));
+        }
         let secs = timeout.as_secs().max(1).to_string();
         let out = Command::new("virsh")
             .args(["-c", URI, "qemu-agent-command", "--timeout", &secs])
             .arg(&self.name)
-            .arg(command.to_string())
+            .arg(&command)
             .output()
             .map_err(|e| format!("cannot run virsh: {e} (scripts/install-deps.sh installs it)"))?;
         if !out.status.success() {
@@ -238,7 +252,9 @@ impl DebianVm {
 
     /// Runs `argv` in the guest through guest-exec (argv[0] an absolute path: qemu-ga does
     /// not search PATH in a way to count on) and polls guest-exec-status until it exits,
-    /// within `timeout`. qemu-ga 7.2 keeps at most 16 MiB of each stream; more panics here.
+    /// within `timeout`. qemu-ga 7.2 keeps at most 16 MiB of each stream (more panics here),
+    /// but libvirt takes no answer over 10 MiB (see `qga`): keep the output of one command
+    /// under about 7 MiB, or write it to a file and read that in pieces.
     pub fn qga_exec_timeout(&self, argv: &[&str], timeout: Duration) -> GuestOutput {
         self.exec(argv, None, timeout)
     }
@@ -363,6 +379,9 @@ pub fn shared_debian_vm(tag: &'static str, vcpus: u32) -> std::sync::MutexGuard<
         Err(p) => p.into_inner(),
     }
 }
+
+/// Linux's cap on one argument of a program (MAX_ARG_STRLEN, 32 pages).
+const MAX_VIRSH_ARG: usize = 128 * 1024;
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
