@@ -94,6 +94,10 @@ pub struct AgentInstallArgs {
     /// else the build's next to this tvctl]
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
+    /// Install this tvctl-agent_*.deb with dpkg in the guest instead (Debian and Ubuntu
+    /// guests; the package's unit is enabled on install)
+    #[arg(long, value_name = "DEB", conflicts_with = "agent_binary")]
+    pub package: Option<PathBuf>,
     /// Seconds to wait for the installed agent to answer on tvctl's channel
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub agent_timeout: f64,
@@ -429,12 +433,19 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ))
                 .into());
             }
-            let binary = crate::guestinstall::find_agent_binary(args.agent_binary.as_deref())?;
+            let source = match &args.package {
+                Some(deb) => crate::guestinstall::AgentSource::Package(
+                    crate::guestinstall::load_package(deb)?,
+                ),
+                None => crate::guestinstall::AgentSource::Binary(
+                    crate::guestinstall::find_agent_binary(args.agent_binary.as_deref())?,
+                ),
+            };
             let hv = Hypervisor::connect(&config.uri)?;
             let dom = hv.lookup(&args.domain)?;
             let timeout = std::time::Duration::from_secs_f64(args.agent_timeout);
             let mut verify = |dom: &crate::libvirt::Dom| verify_agent(&config.dir, dom, timeout);
-            let report = crate::guestinstall::install(&dom, &binary, &mut verify)?;
+            let report = crate::guestinstall::install(&dom, &source, &mut verify)?;
             emit(&config, &report, |r, _| r.to_text())?;
             Ok(if report.answered == Some(false) {
                 ExitCode::AgentTimeout

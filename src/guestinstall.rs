@@ -35,6 +35,8 @@ pub const GUEST_AGENT_PATH: &str = "/usr/local/bin/tvctl-agent";
 pub const GUEST_UNIT_PATH: &str = "/etc/systemd/system/tvctl-agent.service";
 /// The unit, as shipped in guest/.
 pub const UNIT: &str = include_str!("../guest/tvctl-agent.service");
+/// Where the `tvctl-agent` package puts the agent in the guest.
+pub const PACKAGED_GUEST_AGENT: &str = "/usr/sbin/tvctl-agent";
 /// Where the `tvctl` package puts the static agent.
 pub const PACKAGED_AGENT: &str = "/usr/lib/tvctl/tvctl-agent";
 /// qemu-ga commands install uses.
@@ -376,6 +378,90 @@ pub fn check_elf(data: &[u8]) -> Result<String, String> {
     Ok(arch.to_string())
 }
 
+/// A `tvctl-agent` Debian package to install with `dpkg -i` in the guest.
+#[derive(Debug, Clone)]
+pub struct AgentPackage {
+    pub path: PathBuf,
+    pub data: Vec<u8>,
+    /// As qemu-ga's `machine` names it (from the package's Architecture).
+    pub arch: String,
+    pub version: String,
+}
+
+/// What `agent install` puts into the guest.
+#[derive(Debug, Clone)]
+pub enum AgentSource {
+    /// The static binary, with tvctl's unit (in /usr/local/bin, /etc/systemd/system).
+    Binary(AgentBinary),
+    /// The `tvctl-agent` package (in /usr/sbin, /lib/systemd/system; dpkg enables it).
+    Package(AgentPackage),
+}
+
+impl AgentSource {
+    fn arch(&self) -> &str {
+        match self {
+            AgentSource::Binary(b) => &b.arch,
+            AgentSource::Package(p) => &p.arch,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            AgentSource::Binary(b) => &b.path,
+            AgentSource::Package(p) => &p.path,
+        }
+    }
+}
+
+/// Reads a `tvctl-agent` .deb and its control fields (with the host's `dpkg-deb`).
+pub fn load_package(path: &Path) -> Result<AgentPackage, InstallError> {
+    let bad = |why: String| InstallError::BadAgentBinary {
+        path: path.to_path_buf(),
+        why,
+    };
+    let data = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let out = std::process::Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(path)
+        .args(["Package", "Architecture", "Version"])
+        .output()
+        .map_err(|e| bad(format!("cannot run dpkg-deb ({e}): apt install dpkg")))?;
+    if !out.status.success() {
+        return Err(bad(format!(
+            "not a Debian package: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let fields = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |k: &str| {
+        fields.lines().find_map(|l| {
+            l.strip_prefix(k)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_string())
+        })
+    };
+    if field("Package").as_deref() != Some("tvctl-agent") {
+        return Err(bad(format!(
+            "it is the package {:?}, not tvctl-agent (scripts/build-deb.sh builds it)",
+            field("Package").unwrap_or_default()
+        )));
+    }
+    let arch = match field("Architecture").as_deref() {
+        Some("amd64") => "x86_64",
+        Some("arm64") => "aarch64",
+        Some("riscv64") => "riscv64",
+        Some("ppc64el") => "ppc64le",
+        Some("s390x") => "s390x",
+        other => return Err(bad(format!("unknown Architecture {other:?}"))),
+    };
+    Ok(AgentPackage {
+        path: path.to_path_buf(),
+        data,
+        arch: arch.to_string(),
+        version: field("Version").unwrap_or_default(),
+    })
+}
+
 /// The agent binary to install: `given`, else the package's, else the build's (next to this
 /// `tvctl`, or cargo's static target folder).
 pub fn find_agent_binary(given: Option<&Path>) -> Result<AgentBinary, InstallError> {
@@ -422,6 +508,9 @@ pub struct InstallReport {
     pub domain: String,
     /// The host file installed.
     pub agent_binary: String,
+    /// `"binary"` (the static agent and tvctl's unit) or `"package"` (`dpkg -i` of
+    /// tvctl-agent_*.deb).
+    pub installed_from: &'static str,
     /// What the installed agent says of itself (`tvctl-agent --version`).
     pub agent_version: String,
     pub guest_arch: String,
@@ -440,67 +529,59 @@ pub struct InstallReport {
 /// control channel (None: the domain is not set up).
 pub fn install(
     dom: &Dom,
-    binary: &AgentBinary,
+    source: &AgentSource,
     verify: &mut dyn FnMut(&Dom) -> Option<Result<(), String>>,
 ) -> Result<InstallReport, InstallError> {
     let qga = Qga::new(dom)?;
     let name = dom.name();
     let qga_version = qga.check_commands()?;
     let (arch, os) = qga.osinfo()?;
-    if !arch.is_empty() && arch != binary.arch {
+    if !arch.is_empty() && arch != source.arch() {
         return Err(InstallError::ArchMismatch {
             guest: arch,
-            agent: binary.arch.clone(),
-            path: binary.path.clone(),
+            agent: source.arch().to_string(),
+            path: source.path().to_path_buf(),
         });
     }
-    // A name of its own per attempt: a handle an earlier, failed attempt left open in qemu-ga
-    // would make the file busy (ETXTBSY) when it runs.
-    let staged = format!(
-        "/usr/local/bin/.tvctl-agent.new.{:016x}",
-        crate::control::random_u64()
-    );
-    let mkdir = qga.sh("mkdir -p /usr/local/bin", Duration::from_secs(10))?;
-    if mkdir.code != 0 {
-        return Err(step_failed(&name, "mkdir -p /usr/local/bin", &mkdir));
-    }
-    qga.write_file(&staged, &binary.data)?;
     let systemd = qga
         .sh("test -d /run/systemd/system", Duration::from_secs(10))?
         .code
         == 0;
-    if systemd {
-        qga.write_file(GUEST_UNIT_PATH, UNIT.as_bytes())?;
-    }
-    let size = binary.data.len();
-    let script = format!(
-        "set -e\n\
-         test \"$(wc -c < {staged})\" -eq {size} || {{ echo 'the copy has the wrong size' >&2; exit 90; }}\n\
-         chmod 0755 {staged}\n\
-         mv -f {staged} {GUEST_AGENT_PATH}\n\
-         rm -f /usr/local/bin/.tvctl-agent.new.*\n\
-         {GUEST_AGENT_PATH} --version\n\
-         if [ -d /run/systemd/system ]; then\n\
-           chmod 0644 {GUEST_UNIT_PATH}\n\
-           systemctl daemon-reload\n\
-           systemctl enable tvctl-agent.service >/dev/null 2>&1\n\
-           systemctl restart tvctl-agent.service\n\
-           systemctl is-active tvctl-agent.service >/dev/null\n\
-         else\n\
-           pkill -x tvctl-agent 2>/dev/null || killall tvctl-agent 2>/dev/null || true\n\
-           setsid {GUEST_AGENT_PATH} </dev/null >/dev/null 2>&1 &\n\
-         fi\n"
-    );
+    // A name of its own per attempt: a handle an earlier, failed attempt left open in qemu-ga
+    // would make the file busy (ETXTBSY) when it runs.
+    let nonce = crate::control::random_u64();
+    let (script, path) = match source {
+        AgentSource::Binary(binary) => {
+            let staged = format!("/usr/local/bin/.tvctl-agent.new.{nonce:016x}");
+            let mkdir = qga.sh("mkdir -p /usr/local/bin", Duration::from_secs(10))?;
+            if mkdir.code != 0 {
+                return Err(step_failed(&name, "mkdir -p /usr/local/bin", &mkdir));
+            }
+            qga.write_file(&staged, &binary.data)?;
+            if systemd {
+                qga.write_file(GUEST_UNIT_PATH, UNIT.as_bytes())?;
+            }
+            (binary_script(&staged, binary.data.len()), GUEST_AGENT_PATH)
+        }
+        AgentSource::Package(package) => {
+            let staged = format!("/var/tmp/.tvctl-agent.{nonce:016x}.deb");
+            qga.write_file(&staged, &package.data)?;
+            (
+                package_script(&staged, package.data.len()),
+                PACKAGED_GUEST_AGENT,
+            )
+        }
+    };
     let done = qga.sh(&script, SCRIPT_TIMEOUT)?;
     if done.code != 0 {
         return Err(step_failed(&name, "the install script", &done));
     }
-    let agent_version = clean_text(done.stdout.lines().next().unwrap_or("").trim());
+    let agent_version = clean_text(done.stdout.lines().last().unwrap_or("").trim());
     let mut notes = Vec::new();
     if !systemd {
         notes.push(format!(
-            "the guest has no systemd: the agent runs now, but add `{GUEST_AGENT_PATH}` to the \
-             guest's init (busybox: `::respawn:{GUEST_AGENT_PATH}` in /etc/inittab; OpenRC or \
+            "the guest has no systemd: the agent runs now, but add `{path}` to the \
+             guest's init (busybox: `::respawn:{path}` in /etc/inittab; OpenRC or \
              sysvinit: a service script) so it starts at every boot"
         ));
     }
@@ -523,16 +604,67 @@ pub fn install(
     Ok(InstallReport {
         command: "agent-install",
         domain: name,
-        agent_binary: binary.path.display().to_string(),
+        agent_binary: source.path().display().to_string(),
+        installed_from: match source {
+            AgentSource::Binary(_) => "binary",
+            AgentSource::Package(_) => "package",
+        },
         agent_version,
         guest_arch: arch,
         guest_os: os,
         qga_version,
-        path: GUEST_AGENT_PATH.to_string(),
+        path: path.to_string(),
         init: if systemd { "systemd" } else { "none" }.to_string(),
         answered,
         notes,
     })
+}
+
+/// The script that puts the static binary in place and starts it (its last line of output
+/// is the agent's `--version`).
+fn binary_script(staged: &str, size: usize) -> String {
+    format!(
+        "set -e\n\
+         test \"$(wc -c < {staged})\" -eq {size} || {{ echo 'the copy has the wrong size' >&2; exit 90; }}\n\
+         chmod 0755 {staged}\n\
+         mv -f {staged} {GUEST_AGENT_PATH}\n\
+         rm -f /usr/local/bin/.tvctl-agent.new.*\n\
+         {GUEST_AGENT_PATH} --version >/dev/null\n\
+         if [ -d /run/systemd/system ]; then\n\
+           chmod 0644 {GUEST_UNIT_PATH}\n\
+           systemctl daemon-reload\n\
+           systemctl enable tvctl-agent.service >/dev/null 2>&1\n\
+           systemctl restart tvctl-agent.service\n\
+           systemctl is-active tvctl-agent.service >/dev/null\n\
+         else\n\
+           pkill -x tvctl-agent 2>/dev/null || killall tvctl-agent 2>/dev/null || true\n\
+           setsid {GUEST_AGENT_PATH} </dev/null >/dev/null 2>&1 &\n\
+         fi\n\
+         {GUEST_AGENT_PATH} --version\n"
+    )
+}
+
+/// The script that installs the package with dpkg (its postinst enables and starts the
+/// service) and retires an agent installed earlier from the binary (whose unit in /etc
+/// would shadow the package's).
+fn package_script(staged: &str, size: usize) -> String {
+    format!(
+        "set -e\n\
+         trap 'rm -f {staged}' EXIT\n\
+         command -v dpkg >/dev/null || {{ echo 'the guest has no dpkg: install the static binary instead (drop --package)' >&2; exit 91; }}\n\
+         test \"$(wc -c < {staged})\" -eq {size} || {{ echo 'the copy has the wrong size' >&2; exit 90; }}\n\
+         if grep -qs '^ExecStart={GUEST_AGENT_PATH}$' {GUEST_UNIT_PATH}; then\n\
+           systemctl disable --now tvctl-agent.service >/dev/null 2>&1 || true\n\
+           rm -f {GUEST_UNIT_PATH} {GUEST_AGENT_PATH}\n\
+           systemctl daemon-reload || true\n\
+         fi\n\
+         dpkg -i {staged} >&2\n\
+         if [ -d /run/systemd/system ]; then\n\
+           systemctl restart tvctl-agent.service\n\
+           systemctl is-active tvctl-agent.service >/dev/null\n\
+         fi\n\
+         {PACKAGED_GUEST_AGENT} --version\n"
+    )
 }
 
 fn step_failed(domain: &str, what: &str, r: &ExecResult) -> InstallError {

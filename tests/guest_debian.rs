@@ -235,6 +235,59 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
         text(&t),
         vm.console_report()
     );
+
+    // Act 4: the tvctl-agent package replaces the binary install (dpkg -i in the guest).
+    let deb = agent_deb();
+    let install = tvctl(
+        &root,
+        &[
+            "--json",
+            "agent",
+            "install",
+            &vm.name,
+            "--package",
+            deb.to_str().unwrap(),
+            "--agent-timeout",
+            "60",
+        ],
+    );
+    assert_eq!(install.status.code(), Some(0), "{}", text(&install));
+    let report: serde_json::Value = serde_json::from_slice(&install.stdout).unwrap();
+    assert_eq!(report["installed_from"], "package", "{report}");
+    assert_eq!(report["path"], "/usr/sbin/tvctl-agent", "{report}");
+    assert_eq!(report["answered"], true, "{report}");
+    let dpkg = vm.qga_exec(&[
+        "/bin/sh",
+        "-c",
+        "dpkg-query -W -f '${Status}' tvctl-agent; echo; systemctl is-enabled tvctl-agent; \
+         test -e /usr/local/bin/tvctl-agent && echo stale || echo retired",
+    ]);
+    assert_eq!(
+        dpkg.stdout_text(),
+        "install ok installed\nenabled\nretired\n",
+        "{}",
+        dpkg.stderr_text()
+    );
+    let t = trace(&["--json", "-e", "sched:sched_switch", "--duration", "2"]);
+    assert_eq!(t.status.code(), Some(0), "with the package: {}", text(&t));
+}
+
+/// The tvctl-agent package, as scripts/build-deb.sh builds it (quick when it is current).
+fn agent_deb() -> std::path::PathBuf {
+    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(top.join("scripts/build-deb.sh"))
+        .current_dir(top)
+        .output()
+        .expect("run scripts/build-deb.sh");
+    assert!(out.status.success(), "scripts/build-deb.sh: {}", text(&out));
+    let deb = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| top.join("target"), std::path::PathBuf::from)
+        .join(format!(
+            "debian/tvctl-agent_{}_amd64.deb",
+            env!("CARGO_PKG_VERSION")
+        ));
+    assert!(deb.is_file(), "no {}", deb.display());
+    deb
 }
 
 struct RemoveOnDrop(std::path::PathBuf);
