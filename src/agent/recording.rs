@@ -327,11 +327,16 @@ impl Recording {
         }
     }
 
-    /// The command's output pipes, for the control loop's poll(2).
-    pub fn output_fds(&self) -> Vec<BorrowedFd<'_>> {
+    /// What should wake the control loop: the command's output pipes and its pidfd.
+    pub fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
         self.command
             .as_ref()
-            .map_or_else(Vec::new, GuestCommand::fds)
+            .map_or_else(Vec::new, GuestCommand::wake_fds)
+    }
+
+    /// A command runs whose end only a look can tell (no pidfd): the loop must tick fast.
+    pub fn needs_fast_tick(&self) -> bool {
+        self.command_status.is_none() && self.command.as_ref().is_some_and(|c| !c.has_pidfd())
     }
 
     /// What the command wrote since the last look (never blocks).

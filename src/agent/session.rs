@@ -35,9 +35,12 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for its control port before it says so (udev may still be
 /// loading virtio_console at boot).
 const PORT_QUIET_WAIT: Duration = Duration::from_secs(30);
-/// How often a busy session checks its command, its pumps and its deadlines. Messages from
-/// the host and from a local client wake it at once.
-const TICK: Duration = Duration::from_millis(250);
+/// How often a session looks at its pumps, leftovers and deadlines when nothing wakes it.
+/// Messages from the host, a local client, the command's output and its end (a pidfd) wake
+/// it at once; a tick costs a few ms of CPU under TCG, so it is rare.
+const TICK: Duration = Duration::from_secs(1);
+/// The tick while a command runs whose end cannot wake the loop (a kernel without pidfd).
+const FAST_TICK: Duration = Duration::from_millis(250);
 
 /// Settings of the agent process.
 #[derive(Debug, Clone, Default)]
@@ -213,11 +216,20 @@ impl Agent {
         let output = self
             .recording
             .as_ref()
-            .map_or_else(Vec::new, Recording::output_fds);
+            .map_or_else(Vec::new, Recording::wake_fds);
         for fd in local.into_iter().chain(clients).chain(output) {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-        let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
+        let tick = if self
+            .recording
+            .as_ref()
+            .is_some_and(Recording::needs_fast_tick)
+        {
+            FAST_TICK
+        } else {
+            TICK
+        };
+        let ms = u16::try_from(tick.as_millis()).unwrap_or(u16::MAX);
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => return Ok(Input::Nothing),
             Ok(_) => {}

@@ -31,10 +31,13 @@ use super::stream::{ByteBudget, CpuStream, StreamOutcome};
 
 /// How long the agent may stay silent (no message, no stream data) while the domain runs
 /// before the host concludes it died or the guest locked up. The agent answers a `Ping` in
-/// 20–120 ms under TCG; a second is sent every second.
+/// 20–120 ms under TCG; one is sent every [`PING_EVERY`], and stream data counts as a sign of
+/// life while stopping.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
 /// How often the host pings the agent while recording.
-const PING_EVERY: Duration = Duration::from_secs(1);
+/// Every ping wakes the guest's agent (a few ms of CPU under TCG): three in the ten seconds
+/// of [`SILENCE_LIMIT`] are enough.
+const PING_EVERY: Duration = Duration::from_secs(3);
 /// Slice of every wait loop: bounds how late Ctrl-C or a dead domain is noticed.
 const SLICE: Duration = Duration::from_millis(100);
 

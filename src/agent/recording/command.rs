@@ -21,6 +21,9 @@ const CHUNKS_PER_LOOK: usize = 4;
 /// A running guest command and its output pipes.
 pub struct GuestCommand {
     pub child: Child,
+    /// Readable once the command exits (pidfd_open(2), Linux 5.3+), so the control loop
+    /// wakes at once instead of polling for its end; None where the kernel lacks it.
+    pidfd: Option<OwnedFd>,
     /// stdout and stderr, while open; `None` without relay or after EOF.
     pipes: [Option<File>; 2],
     relayed: u64,
@@ -56,12 +59,14 @@ impl GuestCommand {
             });
         }
         let mut child = cmd.spawn()?;
+        let pidfd = pidfd_open(child.id());
         let pipes = [
             child.stdout.take().map(|p| nonblocking(OwnedFd::from(p))),
             child.stderr.take().map(|p| nonblocking(OwnedFd::from(p))),
         ];
         Ok(GuestCommand {
             child,
+            pidfd,
             pipes,
             relayed: 0,
             over_cap_said: false,
@@ -71,6 +76,18 @@ impl GuestCommand {
     /// The open pipes, for poll(2).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.pipes.iter().flatten().map(AsFd::as_fd).collect()
+    }
+
+    /// What wakes the control loop: the open pipes and the pidfd (readable at exit).
+    pub fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = self.fds();
+        fds.extend(self.pidfd.as_ref().map(AsFd::as_fd));
+        fds
+    }
+
+    /// Whether the control loop must still look for the command's end on its own.
+    pub fn has_pidfd(&self) -> bool {
+        self.pidfd.is_some()
     }
 
     /// What the command wrote since the last look, never blocking. Past
@@ -137,6 +154,18 @@ impl GuestCommand {
     }
 }
 
+/// A pidfd for `pid` (a child of ours, so the pid cannot be reused before we reap it).
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn nonblocking(fd: OwnedFd) -> File {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     if let Ok(flags) = fcntl(&fd, FcntlArg::F_GETFL) {
@@ -195,6 +224,28 @@ mod tests {
         assert_eq!(out, b"out\nmore\n");
         assert_eq!(err, b"err\n");
         assert_eq!(cmd.child.wait().unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn the_end_of_the_command_wakes_a_poller_at_once() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut cmd = GuestCommand::spawn("sleep", &["0.2".into()], false).unwrap();
+        assert!(cmd.has_pidfd(), "Linux 5.3+ has pidfd_open");
+        let start = Instant::now();
+        let mut fds: Vec<PollFd> = cmd
+            .wake_fds()
+            .into_iter()
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        let n = poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+        drop(fds);
+        assert_eq!(n, 1);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(cmd.child.try_wait().unwrap().is_some());
     }
 
     #[test]
