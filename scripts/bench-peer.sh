@@ -75,7 +75,7 @@ $tvctl --dir "$root" -q setup "$dom" >/dev/null
 virsh -c "$uri" start "$dom" >/dev/null
 echo "bench-peer: $dom booted (console $lab/console.log); results in $BENCH_PEER_OUT"
 
-python3 - "$dom" "$lab/shell.sock" "$root" "$top/$tvctl" "$lab/console.log" <<'PY'
+PYTHONPATH="$top/scripts/lib" python3 - "$dom" "$lab/shell.sock" "$root" "$top/$tvctl" "$lab/console.log" <<'PY'
 import json, os, re, shlex, signal, socket, statistics, subprocess, sys, time, base64
 
 DOM, SOCK, ROOT, TVCTL, CONSOLE = sys.argv[1:6]
@@ -98,59 +98,11 @@ def die(msg):
     sys.exit(1)
 
 
-class GuestShell:
-    """The guest's root shell on the virtio-serial port tvctl.test.shell (tests/common/serve.rs)."""
+from guestshell import GuestShell as _Shell  # scripts/lib, on PYTHONPATH
 
-    def __init__(self, path, timeout):
-        start = time.time()
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                if time.time() - start > timeout:
-                    die(f"cannot connect to the guest shell {path}")
-                time.sleep(0.5)
-        self.pending, self.n = b"", 0
-        while self.try_run("echo ready", 5) is None:
-            if time.time() - start > timeout:
-                die("the guest shell did not answer")
 
-    def try_run(self, cmd, timeout):
-        self.n += 1
-        marker = f"__TVCTL_END_{self.n}__".encode()
-        # The marker is split in the command, so an echo of the command cannot match it.
-        self.s.sendall(f'{cmd}\necho "__TVCTL_END_""{self.n}__ $?"\n'.encode())
-        deadline = time.time() + timeout
-        while True:
-            at = self.pending.find(marker)
-            if at >= 0:
-                nl = self.pending.find(b"\n", at)
-                if nl >= 0:
-                    out = self.pending[:at]
-                    rc = int(self.pending[at + len(marker):nl].strip() or -1)
-                    self.pending = self.pending[nl + 1:]
-                    return rc, out.decode(errors="replace")
-            left = deadline - time.time()
-            if left <= 0:
-                return None
-            self.s.settimeout(min(left, 0.5))
-            try:
-                b = self.s.recv(1 << 20)
-            except socket.timeout:
-                continue
-            if not b:
-                die("the guest shell closed")
-            self.pending += b
-
-    def run(self, cmd, timeout=600, ok=True):
-        r = self.try_run(cmd, timeout)
-        if r is None:
-            die(f"guest command did not finish within {timeout} s: {cmd[:300]!r}")
-        if ok and r[0] != 0:
-            die(f"guest command failed ({r[0]}): {cmd[:300]!r}\n{r[1][-2000:]}")
-        return r
+def GuestShell(path, timeout):
+    return _Shell(path, timeout, die)
 
 
 # One line per sample, with builtins only (no fork: W's own CPU stays W's, and the sample costs

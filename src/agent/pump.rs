@@ -60,6 +60,10 @@ pub struct PumpConfig {
     pub marker: Vec<u8>,
     /// Use read/write even if splice works (tests of the fallback).
     pub force_copy: bool,
+    /// Benchmark only (`tvctl-agent --synthetic`): send empty pages (all zero: timestamp 0,
+    /// commit 0) as fast as the port takes them instead of the ring buffer's, so the host's
+    /// collector can be measured against the raw channel with a source faster than tracing.
+    pub synthetic: bool,
     /// Rung by the controller when it sets `stop`, so pumps asleep in poll(2) drain at once.
     pub waker: Arc<Waker>,
 }
@@ -207,6 +211,13 @@ fn pump(cfg: &PumpConfig, shared: &PumpShared, outcome: &mut PumpOutcome) -> io:
         .open(&cfg.port)?;
     let mut port = Port::new(port_file, shared);
     port.send(&cfg.marker, false)?;
+    if cfg.synthetic {
+        let pages = vec![0u8; cfg.page_size * PAGES_PER_SPLICE];
+        while !shared.stop.load(Ordering::SeqCst) {
+            port.send(&pages, true)?;
+        }
+        return Ok(());
+    }
 
     let chunk = cfg.page_size * PAGES_PER_SPLICE;
     let mut pipe = if cfg.force_copy {

@@ -103,7 +103,7 @@ impl Recording {
         ports: &PortMap,
         online_cpus: u32,
         page_size: u32,
-        force_copy: bool,
+        mode: super::session::DataMode,
         relay_output: bool,
     ) -> Result<(Recording, Started), Refusal> {
         // 1. Validate everything first.
@@ -204,7 +204,8 @@ impl Recording {
                 port,
                 page_size: usize::try_from(page_size).unwrap_or(4096),
                 marker: marker.to_bytes().to_vec(),
-                force_copy,
+                force_copy: mode == super::session::DataMode::Copy,
+                synthetic: mode == super::session::DataMode::Synthetic,
                 waker: Arc::clone(&rec.waker),
             };
             let shared = Arc::new(PumpShared::default());

@@ -42,11 +42,23 @@ const TICK: Duration = Duration::from_secs(1);
 /// The tick while a command runs whose end cannot wake the loop (a kernel without pidfd).
 const FAST_TICK: Duration = Duration::from_millis(250);
 
+/// How the pumps move data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataMode {
+    /// splice(2) from `trace_pipe_raw` to the port (read/write where splice fails).
+    #[default]
+    Splice,
+    /// read/write only (`--copy`: exercises the fallback).
+    Copy,
+    /// Benchmark only (`--synthetic`): empty pages as fast as the port takes them.
+    Synthetic,
+}
+
 /// Settings of the agent process.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
     /// Use read/write instead of splice (to exercise the fallback).
-    pub force_copy: bool,
+    pub mode: DataMode,
 }
 
 /// Runs the agent for ever.
@@ -336,7 +348,7 @@ impl Agent {
                     &self.ports,
                     online_cpus(),
                     page_size(),
-                    self.opts.force_copy,
+                    self.opts.mode,
                     self.version.is_some_and(|v| v >= 4),
                 ) {
                     Ok((rec, started)) => {

@@ -18,6 +18,9 @@ usage:
                          ask the running agent for a recording the host's `tvctl serve` writes
   tvctl-agent --report   print what the agent sees (tracefs, ports) as one JSON line
   tvctl-agent --copy     run the agent with read/write instead of splice
+  tvctl-agent --synthetic
+                         benchmark only: recordings stream empty pages as fast as the
+                         channel takes them (scripts/bench-channel.sh)
   tvctl-agent --version  print the version
   tvctl-agent --help     print this help
 
@@ -25,9 +28,11 @@ exit codes: 0 success, 1 the agent failed, 2 bad command line; `record`: see `re
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let force_copy = match args.first().map(String::as_str) {
-        None => false,
-        Some("--copy") => true,
+    use tvctl::agent::session::DataMode;
+    let mode = match args.first().map(String::as_str) {
+        None => DataMode::Splice,
+        Some("--copy") => DataMode::Copy,
+        Some("--synthetic") => DataMode::Synthetic,
         Some("record") => {
             let code = tvctl::agent::record_cmd::run(&args[1..]);
             return ExitCode::from(code as u8);
@@ -49,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let opts = tvctl::agent::session::AgentOptions { force_copy };
+    let opts = tvctl::agent::session::AgentOptions { mode };
     match tvctl::agent::session::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

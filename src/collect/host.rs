@@ -95,16 +95,23 @@ impl HostRecorder {
             stream_nonce: nonce,
         };
         let ports = PortMap::with_cpu_ports(ports);
-        let (recording, started) =
-            match Recording::start(&request, &tracefs, &ports, cpus, page_size, false, false) {
-                Ok(r) => r,
-                Err(e) => {
-                    for s in &streams {
-                        s.shared.cancel.store(true, Ordering::SeqCst);
-                    }
-                    return Err(e.into());
+        let (recording, started) = match Recording::start(
+            &request,
+            &tracefs,
+            &ports,
+            cpus,
+            page_size,
+            crate::agent::session::DataMode::Splice,
+            false,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                for s in &streams {
+                    s.shared.cancel.store(true, Ordering::SeqCst);
                 }
-            };
+                return Err(e.into());
+            }
+        };
         let mut problems = GuestProblems::default();
         let mut inbox = MetadataInbox::new();
         for (name, data) in recording.static_metadata() {
