@@ -863,6 +863,17 @@ fn print_domain_status(d: &DomainStatus) -> String {
         d.state.replace('_', " "),
         d.channels.cpus,
     );
+    match d.agent_port.as_deref() {
+        Some("connected") => {
+            out.push_str("  guest agent: a program in the guest has the control port open\n")
+        }
+        Some(_) => out.push_str(&format!(
+            "  guest agent: nothing in the guest has the control port open: is tvctl-agent \
+             installed and running? (`tvctl agent install {}`)\n",
+            d.domain
+        )),
+        None => {}
+    }
     match &d.serve {
         Some(s) => out.push_str(&format!("  tvctl serve: {} ({})\n", s.state, s.detail)),
         None => out.push_str("  tvctl serve: not running\n"),

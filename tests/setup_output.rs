@@ -113,6 +113,7 @@ fn status_report() -> StatusReport {
             fifos_ok: 4,
         },
         control_socket: true,
+        agent_port: Some("connected".into()),
         problems: vec![],
         serve: Some(ServeInfo {
             state: "connected".into(),
@@ -141,6 +142,7 @@ fn status_report() -> StatusReport {
             fifos_ok: 4,
         },
         control_socket: false,
+        agent_port: None,
         problems: vec![Problem {
             kind: ProblemKind::NotSetUp,
             message: "run `tvctl setup web2`".into(),

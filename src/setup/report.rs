@@ -107,6 +107,10 @@ pub struct DomainStatus {
     pub files: FilesStatus,
     /// The control socket exists (libvirt creates it while the domain runs).
     pub control_socket: bool,
+    /// Whether a program in the running guest has the control port open (libvirt's channel
+    /// `state`: `connected` or `disconnected`): the sign that tvctl-agent runs there. `null`
+    /// when the domain is not running or libvirt does not say.
+    pub agent_port: Option<String>,
     pub problems: Vec<Problem>,
     /// What `tvctl serve` does with this domain; `null` when no serve runs for this folder.
     pub serve: Option<ServeInfo>,

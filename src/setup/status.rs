@@ -134,9 +134,15 @@ fn domain_status(
             FileProblem::Wrong(message) => problem(ProblemKind::HostFile, message.clone()),
         }
     }
+    let mut agent_port = None;
     let live_channels = if state.is_active() {
         let live_xml = dom.live_xml()?;
         let live = domxml::our_channels(&live_xml).unwrap_or_default();
+        agent_port = live
+            .iter()
+            .find(|c| c.kind == ChannelKind::Control)
+            .and_then(|c| c.target_state.clone())
+            .filter(|s| s == "connected" || s == "disconnected");
         let live_count = count(live.iter());
         if set_up && live_count != count(ours.iter()) {
             let remedy = if super::live::hotplug_possible(libvirt_version, &live_xml) {
@@ -173,6 +179,7 @@ fn domain_status(
             fifos_ok: inspected.fifos_ok,
         },
         control_socket: inspected.socket,
+        agent_port,
         serve: None,
         problems,
     })
