@@ -114,6 +114,13 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
         "none",
         "the image must not hold the agent"
     );
+    let agent_port = || {
+        let st = tvctl(&root, &["--json", "status", &vm.name]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout)
+            .unwrap_or_else(|e| panic!("status: {e}: {}", text(&st)));
+        v["domains"][0]["agent_port"].clone()
+    };
+    assert_eq!(agent_port(), "disconnected", "no agent yet");
 
     // Act 1: install.
     let agent = static_agent();
@@ -141,6 +148,7 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
     assert_eq!(report["init"], "systemd", "{report}");
     assert_eq!(report["answered"], true, "{report}");
     assert_eq!(report["guest_arch"], "x86_64");
+    assert_eq!(agent_port(), "connected", "the agent has the port open");
     assert!(
         report["agent_version"]
             .as_str()
