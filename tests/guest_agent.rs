@@ -51,8 +51,8 @@ fn stop(vm: &common::TestVm, rec: Recorder) -> (Collected, GuestStopped) {
     (done, stopped)
 }
 
-/// Runs a shell command in the guest inside a short recording; returns the console line that
-/// the command printed after `tag`.
+/// Runs a shell command in the guest inside a short recording; returns what the command
+/// printed after `tag`, as the agent relayed it (`CommandOutput`, protocol 4).
 fn guest_shell(vm: &common::TestVm, tag: &str, script: &str) -> (String, String) {
     let full = format!("echo {tag} $({script})");
     let (cfg, _data) = config(vm, &["sched:sched_switch"], &["/bin/sh", "-c", &full]);
@@ -64,10 +64,15 @@ fn guest_shell(vm: &common::TestVm, tag: &str, script: &str) -> (String, String)
         "command did not end\n{}",
         vm.console_report()
     );
-    let (_, stopped) = stop(vm, rec);
+    let (done, stopped) = stop(vm, rec);
     assert_eq!(stopped.reason, StopReason::CommandExited);
     assert_eq!(stopped.command_status, Some(0));
-    let line = vm.wait_console_line(&format!("{tag} "), Duration::from_secs(10));
+    let line = done.output.tail_text(tvctl::proto::OutputStream::Stdout);
+    assert!(
+        line.contains(&format!("{tag} ")),
+        "the command's output {line:?} lacks {tag}\n{}",
+        vm.console_report()
+    );
     let out = line
         .split_once(&format!("{tag} "))
         .unwrap()

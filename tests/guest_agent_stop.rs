@@ -312,7 +312,10 @@ fn add_streams(want: &mut [u64], ended: &Ended) {
 /// Runs `ls instances` in the guest inside a short recording of its own; asserts that only
 /// that recording's instance exists. Adds its streams to `want`.
 fn assert_only_own_instance(host: &mut Host, vm: &common::TestVm, tag: &str, want: &mut [u64]) {
-    let script = format!("echo {tag} $(ls /sys/kernel/tracing/instances | tr '\\n' ,)");
+    // To the console: this test's host reads no CommandOutput (protocol 4 relays the
+    // command's own stdout to the host instead of the agent's log).
+    let script =
+        format!("echo {tag} $(ls /sys/kernel/tracing/instances | tr '\\n' ,) > /dev/console");
     let started = start(host, vm, &["sched:sched_switch"], &script);
     let ended = finish(host, vm, started, false, Duration::from_secs(60));
     assert_eq!(ended.stopped.reason, StopReason::CommandExited);
