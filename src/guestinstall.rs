@@ -207,17 +207,7 @@ impl<'a> Qga<'a> {
     pub fn check_commands(&self) -> Result<String, InstallError> {
         let info = self.call_idempotent("guest-info", None)?;
         let version = clean_text(info["version"].as_str().unwrap_or("?"));
-        let enabled = |name: &str| {
-            info["supported_commands"].as_array().is_some_and(|cmds| {
-                cmds.iter()
-                    .any(|c| c["name"] == name && c["enabled"].as_bool() == Some(true))
-            })
-        };
-        let missing: Vec<String> = NEEDED
-            .iter()
-            .filter(|c| !enabled(c))
-            .map(|c| c.to_string())
-            .collect();
+        let missing = missing_commands(&info);
         if !missing.is_empty() {
             return Err(InstallError::QgaForbids {
                 domain: self.name.clone(),
@@ -318,6 +308,21 @@ impl<'a> Qga<'a> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// The commands of [`NEEDED`] that a `guest-info` answer does not list as enabled.
+pub fn missing_commands(info: &Value) -> Vec<String> {
+    let enabled = |name: &str| {
+        info["supported_commands"].as_array().is_some_and(|cmds| {
+            cmds.iter()
+                .any(|c| c["name"] == name && c["enabled"].as_bool() == Some(true))
+        })
+    };
+    NEEDED
+        .iter()
+        .filter(|c| !enabled(c))
+        .map(|c| c.to_string())
+        .collect()
 }
 
 /// An agent binary that can go into a guest.
@@ -870,6 +875,22 @@ mod tests {
         h[18..20].copy_from_slice(&62u16.to_le_bytes());
         assert_eq!(check_elf(&h).unwrap(), "x86_64");
         assert!(check_elf(&h[..40]).is_err());
+    }
+
+    #[test]
+    fn commands_qemu_ga_disables_or_lacks_are_named() {
+        let mut cmds: Vec<Value> = NEEDED
+            .iter()
+            .map(|n| json!({"name": n, "enabled": true, "success-response": true}))
+            .collect();
+        let all = json!({"version": "7.2.22", "supported_commands": cmds.clone()});
+        assert!(missing_commands(&all).is_empty());
+        // --block-rpcs=guest-exec turns it off; a qemu-ga too old for guest-exec lacks it.
+        cmds[4]["enabled"] = json!(false);
+        cmds.remove(5);
+        let some = json!({"supported_commands": cmds});
+        assert_eq!(missing_commands(&some), ["guest-exec", "guest-exec-status"]);
+        assert_eq!(missing_commands(&json!({})).len(), NEEDED.len());
     }
 
     #[test]

@@ -122,6 +122,25 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
     };
     assert_eq!(agent_port(), "disconnected", "no agent yet");
 
+    // A binary for another architecture is refused before anything is written (exit 17).
+    let foreign = tempfile::tempdir().unwrap();
+    let fake = foreign.path().join("tvctl-agent-aarch64");
+    let mut elf = vec![0u8; 64];
+    elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    elf[16] = 2; // ET_EXEC
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64, no program headers
+    std::fs::write(&fake, &elf).unwrap();
+    let refused = tvctl(
+        &root,
+        &["agent", "install", &vm.name, "--agent-binary", fake.to_str().unwrap()],
+    );
+    assert_eq!(refused.status.code(), Some(17), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("the guest is x86_64, but"),
+        "{}",
+        text(&refused)
+    );
+
     // Act 1: install.
     let agent = static_agent();
     let install = tvctl(

@@ -363,6 +363,28 @@ fn without_c_the_trace_uses_the_clock_the_guest_kernel_chose() {
 }
 
 #[test]
+fn agent_install_on_a_guest_without_qemu_ga_says_what_is_missing_and_exits_16() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    // Boots the shared guest if it is off: install needs a running one.
+    let (code, _, log) = t.trace(&dir.path().join("boot.dat"), &["-e", "sched:sched_switch", "--duration", "1"]);
+    assert_eq!(code, 0, "{log}");
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/tvctl-agent");
+    let res = t.tvctl(&[
+        "agent",
+        "install",
+        &t.vm.name,
+        "--agent-binary",
+        agent.to_str().unwrap(),
+    ]);
+    let log = text(&res);
+    assert_eq!(res.status.code(), Some(16), "{log}");
+    assert!(log.contains("has no qemu-guest-agent channel"), "{log}");
+    assert!(log.contains("org.qemu.guest_agent.0"), "{log}");
+}
+
+#[test]
 fn guest_command_runs_while_tracing_and_its_end_stops_the_trace() {
     let t = shared();
     let dir = tempfile::tempdir().unwrap();
