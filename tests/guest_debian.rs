@@ -132,7 +132,13 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
     std::fs::write(&fake, &elf).unwrap();
     let refused = tvctl(
         &root,
-        &["agent", "install", &vm.name, "--agent-binary", fake.to_str().unwrap()],
+        &[
+            "agent",
+            "install",
+            &vm.name,
+            "--agent-binary",
+            fake.to_str().unwrap(),
+        ],
     );
     assert_eq!(refused.status.code(), Some(17), "{}", text(&refused));
     assert!(

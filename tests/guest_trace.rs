@@ -367,7 +367,10 @@ fn agent_install_on_a_guest_without_qemu_ga_says_what_is_missing_and_exits_16() 
     let t = shared();
     let dir = tempfile::tempdir().unwrap();
     // Boots the shared guest if it is off: install needs a running one.
-    let (code, _, log) = t.trace(&dir.path().join("boot.dat"), &["-e", "sched:sched_switch", "--duration", "1"]);
+    let (code, _, log) = t.trace(
+        &dir.path().join("boot.dat"),
+        &["-e", "sched:sched_switch", "--duration", "1"],
+    );
     assert_eq!(code, 0, "{log}");
     let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/x86_64-unknown-linux-gnu/release/tvctl-agent");
