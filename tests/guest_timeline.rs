@@ -212,9 +212,25 @@ fn host_and_guest_chains_are_all_in_causal_order_and_sync_none_breaks_them() {
     let (code, summary, log) = lab.trace(
         &[0],
         &none,
-        &["--host", "-e", "sched", "--duration", "2", "--sync", "none"],
+        &[
+            "--host",
+            "-e",
+            "sched",
+            "--duration",
+            "2",
+            "--sync",
+            "none",
+            "--",
+            "sh",
+            "-c",
+            "echo timeline-out; echo timeline-err >&2; sleep 5",
+        ],
     );
     assert_eq!(code, 0, "{log}");
+    // The guest command's output, in a run with the host too: stderr relayed as it came,
+    // stdout (tvctl's stdout is the JSON) in the guest's summary.
+    assert!(log.contains("timeline-err\n"), "{log}");
+    assert_eq!(summary["guests"][0]["command"]["stdout"], "timeline-out\n");
     let (good, bad) = causal_order(&report(&files_of(&summary)), &none);
     assert!(
         !bad.is_empty(),

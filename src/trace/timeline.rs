@@ -194,6 +194,9 @@ pub fn run(t: &TimelineOptions) -> Result<TimelineSummary, TraceError> {
         return Err(TraceError::ClockNotSyncable { clock });
     }
     let mut progress = Progress::new(t.base.progress);
+    if !t.base.command.is_empty() {
+        progress.relay_command_output(t.base.relay_stdout);
+    }
     let scratch = scratch_next_to(&t.base.output)?;
     let budget = t.base.max_size.map(|b| Arc::new(ByteBudget::new(b)));
     let mut base = t.base.clone();
@@ -238,6 +241,7 @@ pub fn run(t: &TimelineOptions) -> Result<TimelineSummary, TraceError> {
         &mark,
         t.base.duration,
         budget.as_deref(),
+        &mut progress,
     );
     for g in guests.iter_mut().filter(|g| g.cause.is_none()) {
         probe_burst(g, &clock, &mark);
@@ -404,6 +408,7 @@ fn record(
     mark: &dyn Fn(u64) -> (u64, u64),
     duration: Option<Duration>,
     budget: Option<&ByteBudget>,
+    progress: &mut Progress,
 ) -> StopCause {
     let start = Instant::now();
     let signals_at_start = super::signals();
@@ -425,6 +430,10 @@ fn record(
         }
         for g in guests.iter_mut().filter(|g| g.cause.is_none()) {
             g.cause = guest_cause(g, clock, mark);
+            // A command runs in one guest only (the CLI refuses more): its output as it comes.
+            if let Some(r) = g.rec.as_mut() {
+                progress.command_output(r.take_output());
+            }
         }
     }
 }
@@ -475,8 +484,13 @@ fn finish_guest(
     let cause = g.cause.unwrap_or(run_cause);
     let rec = g.rec.take().expect("a started guest has its recorder");
     let mut progress = Progress::new(false);
+    if !g.opts.command.is_empty() {
+        progress.relay_command_output(g.opts.relay_stdout);
+    }
     let mut watch = DomainWatch::new(g.dom);
     let (mut collected, cause) = stop_and_drain(rec, &mut watch, cause, elapsed, &mut progress);
+    progress.command_output(collected.output.take_pending());
+    progress.finish_command_output();
     let guest_id = crate::control::random_u64();
     let ncpus = collected
         .streams
