@@ -80,6 +80,8 @@ pub struct Recording {
     command_status: Option<i32>,
     /// The instance's trace clock, as `Started` reported it.
     clock: String,
+    /// Where the start's time went, for the agent's log.
+    pub startup: String,
 }
 
 /// What a stopped recording hands back: the files that grew while tracing, and the counts.
@@ -106,6 +108,8 @@ impl Recording {
         mode: super::session::DataMode,
         relay_output: bool,
     ) -> Result<(Recording, Started), Refusal> {
+        // Where the start's time goes, for the agent's log (issue 11: start-up cost).
+        let mut marks: Vec<(&str, Instant)> = vec![("", Instant::now())];
         // 1. Validate everything first.
         if req.events.is_empty() {
             return Err(Refusal::new(
@@ -155,9 +159,11 @@ impl Recording {
             }
         }
 
+        marks.push(("validate", Instant::now()));
         // 2. Build the instance. Dropping it on any error below removes it again.
         let instance =
             tracefs.create_instance(&format!("{INSTANCE_PREFIX}{:016x}", req.stream_nonce))?;
+        marks.push(("instance", Instant::now()));
         instance.set_tracing_on(false)?;
         if let Some(kb) = req.buffer_kb {
             instance.set_buffer_kb(kb)?;
@@ -171,9 +177,11 @@ impl Recording {
                 instance.set_clock(clock)?;
             }
         }
+        marks.push(("buffer+clock", Instant::now()));
         for e in &events {
             instance.enable_event(e)?;
         }
+        marks.push(("events", Instant::now()));
 
         // 3. Pumps first, so no page is lost, then tracing on, then the command.
         let waker = Waker::new().map_err(|e| {
@@ -191,6 +199,7 @@ impl Recording {
             command: None,
             command_status: None,
             clock: String::new(),
+            startup: String::new(),
         };
         for (cpu, port) in port_paths {
             let marker = StreamMarker {
@@ -221,6 +230,7 @@ impl Recording {
                 handle,
             });
         }
+        marks.push(("pumps", Instant::now()));
         rec.instance().set_tracing_on(true)?;
         if let Some((prog, args)) = req.command.split_first() {
             match GuestCommand::spawn(prog, args, relay_output) {
@@ -236,7 +246,19 @@ impl Recording {
         }
 
         // Wait (briefly) until every pump knows whether splice works, so Started says so.
+        marks.push(("on+command", Instant::now()));
         let (splice, note) = rec.transfer_mode(std::time::Duration::from_secs(2));
+        marks.push(("splice check", Instant::now()));
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
+        let parts: Vec<String> = marks
+            .windows(2)
+            .map(|w| format!("{} {:.0}", w[1].0, ms(w[0].1, w[1].1)))
+            .collect();
+        rec.startup = format!(
+            "start took {:.0} ms ({})",
+            ms(marks[0].1, marks[marks.len() - 1].1),
+            parts.join(", ")
+        );
         let instance = rec.instance();
         let started = Started {
             instance: instance.name(),

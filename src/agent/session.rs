@@ -353,10 +353,11 @@ impl Agent {
                 ) {
                     Ok((rec, started)) => {
                         log(&format!(
-                            "recording {} on cpus {:?} in {}",
+                            "recording {} on cpus {:?} in {}; {}",
                             started.events.join(","),
                             started.cpus,
-                            started.instance
+                            started.instance,
+                            rec.startup
                         ));
                         let files = rec.static_metadata();
                         self.recording = Some(rec);
