@@ -165,8 +165,9 @@ pub struct TraceArgs {
     /// Per-CPU ring buffer size in the guest, in KiB [default: the guest kernel's]
     #[arg(short = 'b', long = "buffer-kb", value_name = "KB")]
     pub buffer_kb: Option<u32>,
-    /// Trace clock in the guest (local, global, mono, x86-tsc, ...) [default: the guest's;
-    /// x86-tsc with several domains or --host]
+    /// Trace clock in the guest (local, global, mono, x86-tsc, ...) [default: the one the
+    /// guest kernel chose for its top-level trace_clock; x86-tsc with several domains or
+    /// --host]
     #[arg(short = 'C', long = "clock", value_name = "CLOCK")]
     pub clock: Option<String>,
     /// Do not boot the domain if it is off (fail instead)
@@ -186,7 +187,9 @@ pub struct TraceArgs {
     /// readers older than trace-cmd 3.0 (uncompressed)
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u8).range(6..=7))]
     pub file_version: u8,
-    /// Command to run in the guest while tracing; its end stops the trace
+    /// Command to run in the guest while tracing (own session; stdin /dev/null); its end
+    /// stops the trace, its stdout and stderr come to ours, escaped (stdout kept out of
+    /// --json's), and its exit status is in the summary
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
