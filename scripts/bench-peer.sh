@@ -107,23 +107,35 @@ def GuestShell(path, timeout):
 
 # One line per sample, with builtins only (no fork: W's own CPU stays W's, and the sample costs
 # the same for every tool): uptime; utime+stime of tvctl-agent; utime+stime+cutime+cstime of
-# every trace-cmd process; utime stime cutime cstime of the calling shell ($$).
+# every trace-cmd process; utime stime cutime cstime of the calling shell ($$); and, in ns, the
+# run time of every thread of tvctl-agent and of the trace-cmd processes (schedstat's first
+# field), which has no 10 ms tick truncation per process.
 SAMPLER = r'''
 bp_sample() {
   bp_tag=$1
   read -r bp_up bp_idle < /proc/uptime
-  bp_ag=0; bp_tc=0
+  bp_ag=0; bp_tc=0; bp_agns=0; bp_tcns=0
   for bp_f in /proc/[0-9]*/stat; do
     read -r bp_l 2>/dev/null < $bp_f || continue
     set -- $bp_l
+    bp_pid=$1
     case "$2" in
       "(tvctl-agent)") bp_ag=$((bp_ag + ${14} + ${15})) ;;
       "(trace-cmd)") bp_tc=$((bp_tc + ${14} + ${15} + ${16} + ${17})) ;;
+      *) continue ;;
+    esac
+    bp_ns=0
+    for bp_s in /proc/$bp_pid/task/*/schedstat; do
+      read -r bp_t bp_rest 2>/dev/null < $bp_s && bp_ns=$((bp_ns + bp_t))
+    done
+    case "$2" in
+      "(tvctl-agent)") bp_agns=$((bp_agns + bp_ns)) ;;
+      *) bp_tcns=$((bp_tcns + bp_ns)) ;;
     esac
   done
   read -r bp_l < /proc/$$/stat
   set -- $bp_l
-  echo "$bp_up $bp_ag $bp_tc ${14} ${15} ${16} ${17}" > /tmp/bp/$bp_tag
+  echo "$bp_up $bp_ag $bp_tc ${14} ${15} ${16} ${17} $bp_agns $bp_tcns" > /tmp/bp/$bp_tag
 }
 # After tvctl exits the agent still tears its instance down: 'post' is the last sample before
 # the first second in which the agent used at most 3 ticks (at most 30 s).
@@ -163,7 +175,9 @@ def samples(sh):
             got["tree"] = {"cutime": int(st[15]), "cstime": int(st[16])}
         elif f[0] in ("pre", "start", "end", "post"):
             up, ag, tc, u, s, cu, cs = f[1:8]
-            got[f[0]] = {"up": float(up), "ag": int(ag), "tc": int(tc), "self": int(u) + int(s) + int(cu) + int(cs)}
+            agns, tcns = (f[8:10] + ["0", "0"])[:2]
+            got[f[0]] = {"up": float(up), "ag": int(ag), "tc": int(tc), "self": int(u) + int(s) + int(cu) + int(cs),
+                         "agns": int(agns), "tcns": int(tcns)}
     for k in ("pre", "start", "end", "post"):
         if k not in got:
             die(f"sample '{k}' missing (did W run?): {out!r}")
@@ -220,6 +234,7 @@ def guest_split(s, tool):
         r["cpu_startup"] = (start["ag"] - pre["ag"]) / HZ
         r["cpu_window"] = (end["ag"] - start["ag"]) / HZ
         r["cpu_stop"] = (post["ag"] - end["ag"]) / HZ
+        r["cpu_window_ns"] = (end["agns"] - start["agns"]) / 1e9
     else:
         # The wrapper's children times = trace-cmd's whole tree, W included; W's own share is
         # what W read of itself at its end.
@@ -229,6 +244,8 @@ def guest_split(s, tool):
         r["cpu_window"] = (end["tc"] - start["tc"]) / HZ
         r["cpu_stop"] = total - end["tc"] / HZ
         r["tree_cpu"] = tree
+        # Every trace-cmd process lives through W (the recorders start before, end after).
+        r["cpu_window_ns"] = (end["tcns"] - start["tcns"]) / 1e9
     return r
 
 
@@ -428,6 +445,7 @@ def fmt(x, nd=2):
 FIGURES = [
     ("cpu_startup", "guest CPU start-up (s)", 2),
     ("cpu_window", "guest CPU window (s)", 2),
+    ("cpu_window_ns", "guest CPU window, schedstat ns (s)", 3),
     ("cpu_stop", "guest CPU stop (s)", 2),
     ("us_per_event_ws", "(window+stop) µs/event", 2),
     ("us_per_event_all", "whole run µs/event", 2),
