@@ -147,29 +147,33 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
         text(&refused)
     );
 
+    // `tvctl --json agent install DOMAIN FROM FILE`, which must succeed; its report.
+    let install = |from: &str, file: &std::path::Path| {
+        let out = tvctl(
+            &root,
+            &[
+                "--json",
+                "agent",
+                "install",
+                &vm.name,
+                from,
+                file.to_str().unwrap(),
+                "--agent-timeout",
+                "60",
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            text(&out),
+            vm.console_report()
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+
     // Act 1: install.
-    let agent = static_agent();
-    let install = tvctl(
-        &root,
-        &[
-            "--json",
-            "agent",
-            "install",
-            &vm.name,
-            "--agent-binary",
-            agent.to_str().unwrap(),
-            "--agent-timeout",
-            "60",
-        ],
-    );
-    assert_eq!(
-        install.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&install),
-        vm.console_report()
-    );
-    let report: serde_json::Value = serde_json::from_slice(&install.stdout).unwrap();
+    let report = install("--agent-binary", &static_agent());
     assert_eq!(report["init"], "systemd", "{report}");
     assert_eq!(report["answered"], true, "{report}");
     assert_eq!(report["guest_arch"], "x86_64");
@@ -270,22 +274,7 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
     );
 
     // Act 4: the tvctl-agent package replaces the binary install (dpkg -i in the guest).
-    let deb = agent_deb();
-    let install = tvctl(
-        &root,
-        &[
-            "--json",
-            "agent",
-            "install",
-            &vm.name,
-            "--package",
-            deb.to_str().unwrap(),
-            "--agent-timeout",
-            "60",
-        ],
-    );
-    assert_eq!(install.status.code(), Some(0), "{}", text(&install));
-    let report: serde_json::Value = serde_json::from_slice(&install.stdout).unwrap();
+    let report = install("--package", &agent_deb());
     assert_eq!(report["installed_from"], "package", "{report}");
     assert_eq!(report["path"], "/usr/sbin/tvctl-agent", "{report}");
     assert_eq!(report["answered"], true, "{report}");

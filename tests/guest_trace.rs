@@ -497,9 +497,14 @@ fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
     check_file_against_summary(&out, &summary, 4);
 
     // Ctrl-C twice while the guest cannot answer (paused): tvctl stops waiting and writes
-    // what had arrived (exit 130); the file is readable.
+    // what had arrived (exit 130); the file is readable. The guest is kept busy, so whole
+    // pages leave its buffers before the pause (an idle guest with a quiet agent may not fill
+    // a page per CPU in the 3 s the helper waits).
     let out = dir.path().join("abandoned.dat");
-    let child = t.spawn_trace_and_wait_for_recording(&out, &["-e", "sched:sched_switch"]);
+    let child = t.spawn_trace_and_wait_for_recording(
+        &out,
+        &["-e", "sched:sched_switch", "--", "sh", "-c", BUSY],
+    );
     let virsh = |verb: &str| {
         let o = Command::new("virsh")
             .args(["-c", common::URI, verb, &t.vm.name])
@@ -529,7 +534,16 @@ fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
     let out = dir.path().join("destroyed.dat");
     let child = t.spawn_trace_and_wait_for_recording(
         &out,
-        &["-e", "sched:sched_switch", "--duration", "120"],
+        &[
+            "-e",
+            "sched:sched_switch",
+            "--duration",
+            "120",
+            "--",
+            "sh",
+            "-c",
+            BUSY,
+        ],
     );
     let virsh = Command::new("virsh")
         .args(["-c", common::URI, "destroy", &t.vm.name])
@@ -547,6 +561,10 @@ fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
     );
     assert!(!lines.is_empty(), "nothing kept from before the destroy");
 }
+
+/// A guest command that keeps the scheduler busy (a fork and exec after another) until it is
+/// ended.
+const BUSY: &str = "while true; do /bin/true; done";
 
 #[test]
 fn read_write_fallback_is_reported_and_gives_the_same_kind_of_file() {
