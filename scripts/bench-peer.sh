@@ -563,7 +563,8 @@ print(f"guest: kernel {gi[0]}, {gi[1]} CPUs, {gi[2].strip()}, default ring buffe
 
 if W1_N == "auto":
     _, out = sh.run(f"/bin/sh -c {shlex.quote(w1(50))}; cat /tmp/bp/start /tmp/bp/end")
-    per = (float(out.split()[7]) - float(out.split()[0])) / 50
+    start_line, end_line = [l for l in out.splitlines() if l.strip()][-2:]
+    per = (float(end_line.split()[0]) - float(start_line.split()[0])) / 50
     n1 = max(20, min(5000, round(5.0 / max(per, 1e-3))))
     print(f"W1 calibration: 50 fork+exec took {per*50:.2f} s untraced: N = {n1} for ~5 s")
 else:

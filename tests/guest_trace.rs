@@ -451,6 +451,28 @@ fn sigint_stops_gracefully_and_the_file_is_complete() {
 }
 
 #[test]
+fn a_command_the_guest_cannot_run_is_refused_with_exit_code_12_and_no_file() {
+    let t = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nocmd.dat");
+    let (code, _, log) = t.trace(
+        &out,
+        &[
+            "-e",
+            "sched:sched_switch",
+            "--",
+            "no-such-program-in-the-guest",
+        ],
+    );
+    assert_eq!(code, 12, "{log}");
+    assert!(
+        log.contains("cannot run 'no-such-program-in-the-guest' in the guest: not found in PATH"),
+        "{log}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
 fn unknown_event_is_refused_with_exit_code_12_and_no_file() {
     let t = shared();
     let dir = tempfile::tempdir().unwrap();

@@ -140,6 +140,14 @@ impl Recording {
         {
             return Err(Refusal::new(ErrorCode::BadRequest, "malformed command"));
         }
+        if let Some(prog) = req.command.first() {
+            if let Err(why) = command::find_program(prog) {
+                return Err(Refusal::new(
+                    ErrorCode::Command,
+                    format!("cannot run '{prog}' in the guest: {why}"),
+                ));
+            }
+        }
         let cpus: Vec<u32> = ports
             .cpu_ports()
             .into_iter()

@@ -154,6 +154,32 @@ impl GuestCommand {
     }
 }
 
+/// Whether `prog` can be run: a path must name an executable file; a bare name must be one
+/// in `$PATH` (as the spawn will look it up). Checked before a recording starts, so a typo
+/// is a refusal that changes nothing.
+pub fn find_program(prog: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if prog.contains('/') {
+        return if runnable(Path::new(prog)) {
+            Ok(())
+        } else {
+            Err("no executable file there".to_string())
+        };
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if path
+        .split(':')
+        .any(|dir| runnable(&Path::new(dir).join(prog)))
+    {
+        Ok(())
+    } else {
+        Err(format!("not found in PATH ({path})"))
+    }
+}
+
 /// A pidfd for `pid` (a child of ours, so the pid cannot be reused before we reap it).
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     use std::os::fd::FromRawFd;
@@ -224,6 +250,23 @@ mod tests {
         assert_eq!(out, b"out\nmore\n");
         assert_eq!(err, b"err\n");
         assert_eq!(cmd.child.wait().unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn programs_are_found_as_the_spawn_would_find_them() {
+        assert!(find_program("sh").is_ok());
+        assert!(find_program("/bin/sh").is_ok());
+        assert!(find_program("no-such-program-tvctl")
+            .unwrap_err()
+            .contains("not found in PATH"));
+        let dir = std::env::temp_dir().join(format!("tvctl-find-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let result = find_program(plain.to_str().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(result.is_err(), "a file without execute permission");
+        assert!(find_program("/no/such/file").is_err());
     }
 
     #[test]
