@@ -296,22 +296,26 @@ fn trace_setup_puts_the_change_in_the_json_summary() {
     let root = root_of(&vm);
     let out_file = vm.dir.join("setup.dat");
 
+    let trace_with_setup = || {
+        run(
+            &root,
+            &[
+                "--json",
+                "trace",
+                &vm.name,
+                "--setup",
+                "-e",
+                "sched:sched_switch",
+                "--duration",
+                "1",
+                "-o",
+                out_file.to_str().unwrap(),
+            ],
+        )
+    };
+
     // Act: --setup, then the trace boots the domain.
-    let out = run(
-        &root,
-        &[
-            "--json",
-            "trace",
-            &vm.name,
-            "--setup",
-            "-e",
-            "sched:sched_switch",
-            "--duration",
-            "1",
-            "-o",
-            out_file.to_str().unwrap(),
-        ],
-    );
+    let out = trace_with_setup();
 
     // Assert
     let summary = json(&expect_code(&out, ExitCode::Ok));
@@ -325,21 +329,7 @@ fn trace_setup_puts_the_change_in_the_json_summary() {
         "{out:?}"
     );
     // A second run has nothing to set up: null.
-    let again = run(
-        &root,
-        &[
-            "--json",
-            "trace",
-            &vm.name,
-            "--setup",
-            "-e",
-            "sched:sched_switch",
-            "--duration",
-            "1",
-            "-o",
-            out_file.to_str().unwrap(),
-        ],
-    );
+    let again = trace_with_setup();
     let summary = json(&expect_code(&again, ExitCode::Ok));
     assert_eq!(summary["setup"], serde_json::Value::Null);
 }
