@@ -760,9 +760,11 @@ pub fn parse_last_session(line: &str) -> Option<LastSession> {
 pub fn status(dom: &Dom) -> Result<AgentStatus, InstallError> {
     let qga = Qga::new(dom)?;
     qga.check_commands()?;
+    const LAST: &str = crate::agent::session::LAST_SESSION_FILE;
     let script = format!(
         "p=$(command -v tvctl-agent || true)\n\
          [ -n \"$p\" ] || {{ [ -x {GUEST_AGENT_PATH} ] && p={GUEST_AGENT_PATH}; }}\n\
+         [ -n \"$p\" ] || {{ [ -x {PACKAGED_GUEST_AGENT} ] && p={PACKAGED_GUEST_AGENT}; }}\n\
          echo \"path=$p\"\n\
          [ -n \"$p\" ] && echo \"version=$($p --version 2>/dev/null | head -n1)\"\n\
          pid=$(pidof tvctl-agent 2>/dev/null | cut -d' ' -f1)\n\
@@ -775,7 +777,7 @@ pub fn status(dom: &Dom) -> Result<AgentStatus, InstallError> {
            echo \"service=$(systemctl is-active tvctl-agent.service 2>/dev/null)\"\n\
            echo \"enabled=$(systemctl is-enabled tvctl-agent.service 2>/dev/null)\"\n\
          fi\n\
-         [ -r /run/tvctl-agent.last-session ] && echo \"last=$(head -c 600 /run/tvctl-agent.last-session)\"\n\
+         [ -r {LAST} ] && echo \"last=$(head -c 600 {LAST})\"\n\
          exit 0\n"
     );
     let r = qga.sh(&script, Duration::from_secs(20))?;

@@ -292,6 +292,11 @@ fn agent_install_through_qemu_ga_then_trace_reboot_clock_and_command_output() {
     );
     let t = trace(&["--json", "-e", "sched:sched_switch", "--duration", "2"]);
     assert_eq!(t.status.code(), Some(0), "with the package: {}", text(&t));
+    let status = tvctl(&root, &["--json", "agent", "status", &vm.name]);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("agent status: {e}: {}", text(&status)));
+    assert_eq!(st["path"], "/usr/sbin/tvctl-agent", "{st}");
+    assert_eq!(st["running"], true, "{st}");
 }
 
 /// The tvctl-agent package, as scripts/build-deb.sh builds it (quick when it is current).
