@@ -47,7 +47,8 @@ impl TracedVm {
     }
 
     /// Starts `tvctl trace --json ...` in the background and returns once the guest says the
-    /// recording is under way (plus 3 s of data), for tests that interrupt it.
+    /// recording is under way and the host has pages of it (its scratch folder next to `out`
+    /// holds a non-empty `cpuN.data`), plus 1 s, for tests that interrupt it.
     fn spawn_trace_and_wait_for_recording(&self, out: &Path, args: &[&str]) -> std::process::Child {
         let recordings = self.vm.console_count(RECORDING);
         let child = Command::new(env!("CARGO_BIN_EXE_tvctl"))
@@ -62,7 +63,34 @@ impl TracedVm {
             .expect("spawn tvctl");
         self.vm
             .wait_console_count(RECORDING, recordings, common::boot_timeout());
-        std::thread::sleep(Duration::from_secs(3));
+        let folder = out.parent().expect("out has a folder");
+        let has_pages = || {
+            std::fs::read_dir(folder)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name().to_string_lossy().starts_with(".tvctl-trace-")
+                        && std::fs::read_dir(e.path())
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .any(|f| {
+                                f.file_name().to_string_lossy().ends_with(".data")
+                                    && f.metadata().is_ok_and(|m| m.len() > 0)
+                            })
+                })
+        };
+        let start = std::time::Instant::now();
+        while !has_pages() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the host got no page within 60 s of the guest's start\n{}",
+                self.vm.console_report()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(1));
         child
     }
 
@@ -584,9 +612,9 @@ fn four_vcpus_agent_timeout_full_trace_ctrl_c_twice_and_destroy_mid_trace() {
     assert!(!lines.is_empty(), "nothing kept from before the destroy");
 }
 
-/// A guest command that keeps the scheduler busy (a fork and exec after another) until it is
-/// ended.
-const BUSY: &str = "while true; do /bin/true; done";
+/// A guest command that keeps the scheduler busy (20 fork+exec a second, hundreds of
+/// sched_switch events) until it is ended, without taking a whole vCPU under TCG.
+const BUSY: &str = "while true; do /bin/true; sleep 0.05; done";
 
 #[test]
 fn read_write_fallback_is_reported_and_gives_the_same_kind_of_file() {

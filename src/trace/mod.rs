@@ -501,7 +501,13 @@ pub(crate) fn start_recording(
     let mut watch = DomainWatch::new(dom);
     let mut ask = || watch.check();
     Recorder::start(cfg, &mut ask).map_err(|e| {
-        let gone = matches!(e, RecordError::Control(_)) && !dom.is_active().unwrap_or(false);
+        // QEMU closes the control socket as it exits, a little before libvirt reports the
+        // domain inactive: a closed channel waits for libvirt to say so (bounded, 3 s).
+        let gone = match &e {
+            RecordError::Control(ControlError::Closed) => domain_went_away(dom),
+            RecordError::Control(_) => !dom.is_active().unwrap_or(false),
+            _ => false,
+        };
         match e {
             _ if gone => TraceError::DomainStoppedEarly,
             RecordError::Control(ControlError::Timeout(d)) => no_agent(dom, d),
