@@ -329,17 +329,7 @@ impl DebianVm {
             );
             return;
         }
-        let gone = |dom: &Dom| {
-            if dom.is_active().unwrap_or(false) {
-                let _ = dom.destroy();
-            }
-            dom.undefine().is_ok()
-        };
-        if !gone(&self.dom) {
-            if let Ok(dom) = Hypervisor::connect(URI).and_then(|hv| hv.lookup(&self.name)) {
-                gone(&dom);
-            }
-        }
+        super::destroy_and_undefine(&self.dom, &self.name);
         let _ = std::fs::remove_file(&self.overlay);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

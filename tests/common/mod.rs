@@ -265,23 +265,25 @@ impl Drop for TestVm {
 }
 
 impl TestVm {
-    /// Destroys and undefines the domain, through a fresh connection if this one died (a test
-    /// restarted libvirtd): a domain left running would slow every later test down.
     fn destroy_and_undefine(&self) {
-        let gone = |dom: &Dom| {
-            if dom.is_active().unwrap_or(false) {
-                let _ = dom.destroy();
-            }
-            dom.undefine().is_ok()
-        };
-        if gone(&self.dom) {
-            return;
+        destroy_and_undefine(&self.dom, &self.name);
+    }
+}
+
+/// Destroys and undefines a test domain, through a fresh connection if this one died (a test
+/// restarted libvirtd): a domain left running would slow every later test down.
+pub fn destroy_and_undefine(dom: &Dom, name: &str) {
+    let gone = |dom: &Dom| {
+        if dom.is_active().unwrap_or(false) {
+            let _ = dom.destroy();
         }
-        if let Ok(hv) = Hypervisor::connect(URI) {
-            if let Ok(dom) = hv.lookup(&self.name) {
-                gone(&dom);
-            }
-        }
+        dom.undefine().is_ok()
+    };
+    if gone(dom) {
+        return;
+    }
+    if let Ok(dom) = Hypervisor::connect(URI).and_then(|hv| hv.lookup(name)) {
+        gone(&dom);
     }
 }
 
