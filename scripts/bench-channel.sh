@@ -34,28 +34,10 @@ scripts/install-deps.sh >/dev/null
 cargo build --quiet --release --bin tvctl
 scripts/build-guest.sh >/dev/null
 
-if virsh -c "$uri" dominfo "$dom" >/dev/null 2>&1; then
-  virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true
-  $tvctl --dir "$root" -q teardown "$dom" >/dev/null 2>&1 || true
-  virsh -c "$uri" undefine "$dom" >/dev/null
-fi
-rm -rf "$lab"
-mkdir -p "$lab" "$BENCH_OUT"
-chmod 0755 /var/lib/tvctl-lab "$lab"
-xml=$(mktemp)
-trap 'rm -f "$xml"; virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true' EXIT
-devices="<channel type='unix'><source mode='bind' path='$lab/shell.sock'/><target type='virtio' name='tvctl.test.shell'/></channel>\\
-  </devices>"
-sed -e "s|@NAME@|$dom|" -e "s|@VCPUS@|1|" -e "s|@MEMORY_MIB@|512|" \
-    -e "s|@KERNEL@|$guest/vmlinuz|" -e "s|@INITRD@|$guest/initrd.img|" \
-    -e "s|@CMDLINE@|console=ttyS0 panic=-1 quiet tvctl.shell=1 tvctl.synthetic=1|" \
-    -e "s|@CONSOLE_LOG@|$lab/console.log|g" \
-    -e "s|</devices>|$devices|" \
-    xml-templates/test-guest.xml > "$xml"
-grep -q "tvctl.test.shell" "$xml" || die "could not add the shell port to the domain XML"
-virsh -c "$uri" define "$xml" >/dev/null
-$tvctl --dir "$root" -q setup "$dom" >/dev/null
-virsh -c "$uri" start "$dom" >/dev/null
+mkdir -p "$BENCH_OUT"
+trap 'virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true' EXIT
+. scripts/lib/bench-domain.sh
+bench_boot "$dom" 1 "$guest/initrd.img" "tvctl.shell=1 tvctl.synthetic=1"
 echo "bench-channel: $dom booted (1 vCPU, console $lab/console.log)"
 
 PYTHONPATH="$top/scripts/lib" python3 - "$dom" "$lab/shell.sock" "$root" "$top/$tvctl" "$lab/console.log" <<'PY'

@@ -50,29 +50,11 @@ for f in vmlinuz initrd-peer.img; do
 done
 
 # A fresh bench domain every time: the built-in guest's XML + the shell port + a user NIC.
-if virsh -c "$uri" dominfo "$dom" >/dev/null 2>&1; then
-  virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true
-  $tvctl --dir "$root" -q teardown "$dom" >/dev/null 2>&1 || true
-  virsh -c "$uri" undefine "$dom" >/dev/null
-fi
-rm -rf "$lab"
-mkdir -p "$lab" "$BENCH_PEER_OUT"
-chmod 0755 /var/lib/tvctl-lab "$lab"
-xml=$(mktemp)
-trap 'rm -f "$xml"; virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true' EXIT
-devices="<channel type='unix'><source mode='bind' path='$lab/shell.sock'/><target type='virtio' name='tvctl.test.shell'/></channel>\\
-    <interface type='user'><model type='virtio'/></interface>\\
-  </devices>"
-sed -e "s|@NAME@|$dom|" -e "s|@VCPUS@|2|" -e "s|@MEMORY_MIB@|512|" \
-    -e "s|@KERNEL@|$TVCTL_GUEST_DIR/vmlinuz|" -e "s|@INITRD@|$TVCTL_GUEST_DIR/initrd-peer.img|" \
-    -e "s|@CMDLINE@|console=ttyS0 panic=-1 quiet tvctl.shell=1 tvctl.net=1|" \
-    -e "s|@CONSOLE_LOG@|$lab/console.log|g" \
-    -e "s|</devices>|$devices|" \
-    xml-templates/test-guest.xml > "$xml"
-grep -q "interface type='user'" "$xml" || die "could not add the devices to the domain XML"
-virsh -c "$uri" define "$xml" >/dev/null
-$tvctl --dir "$root" -q setup "$dom" >/dev/null
-virsh -c "$uri" start "$dom" >/dev/null
+mkdir -p "$BENCH_PEER_OUT"
+trap 'virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true' EXIT
+. scripts/lib/bench-domain.sh
+bench_boot "$dom" 2 "$TVCTL_GUEST_DIR/initrd-peer.img" "tvctl.shell=1 tvctl.net=1" \
+  "<interface type='user'><model type='virtio'/></interface>"
 echo "bench-peer: $dom booted (console $lab/console.log); results in $BENCH_PEER_OUT"
 
 PYTHONPATH="$top/scripts/lib" python3 - "$dom" "$lab/shell.sock" "$root" "$top/$tvctl" "$lab/console.log" <<'PY'
