@@ -32,9 +32,14 @@ pub fn status(
         )?),
         None => {
             for name in hv.domain_names()? {
-                // A domain may vanish between listing and lookup; it is then not ours to show.
+                // A domain may vanish between listing and lookup, or while it is read (another
+                // program undefines it); it is then not ours to show.
                 let Ok(dom) = hv.lookup(&name) else { continue };
-                let status = domain_status(&dom, root, qemu, libvirt_version)?;
+                let status = match domain_status(&dom, root, qemu, libvirt_version) {
+                    Ok(status) => status,
+                    Err(_) if hv.lookup(&name).is_err() => continue,
+                    Err(e) => return Err(e),
+                };
                 if status.set_up || status.files.folder {
                     domains.push(status);
                 }
