@@ -987,9 +987,12 @@ fn max_size_stops_an_endless_stream_at_the_cap_with_stop_cause_max_size() {
     );
     let (res, played) = guest.play(&run, kill_after(secs(40)), |a| {
         a.start_recording(&data)?;
+        // Endless, at up to 64 MB/s per CPU: fast enough to pass the cap at once, and a late
+        // look at Stop cannot overrun the drain allowance (8 MiB + the ring buffer).
+        let pace = Some(Duration::from_millis(1));
         let streamers = [
-            a.stream_pages(0, 1, u64::MAX, secs(40))?,
-            a.stream_pages(1, 1, u64::MAX, secs(40))?,
+            a.stream_pages_paced(0, 1, u64::MAX, secs(40), pace)?,
+            a.stream_pages_paced(1, 1, u64::MAX, secs(40), pace)?,
         ];
         let stopped = a.serve_until_stop(secs(45));
         for s in streamers {

@@ -489,6 +489,21 @@ impl FakeAgent {
         max_bytes: u64,
         max_time: Duration,
     ) -> Result<Streamer, FakeError> {
+        self.stream_pages_paced(cpu, first, max_bytes, max_time, None)
+    }
+
+    /// [`stream_pages`](Self::stream_pages) at most 16 pages per `pause`, like a guest whose
+    /// pages come at a finite rate: after the host's `Stop` a real agent sends at most its ring
+    /// buffer more, while an unpaced writer at memory speed (~600 MB/s) overruns the host's
+    /// drain allowance whenever the fake sees `Stop` a few ms late.
+    pub fn stream_pages_paced(
+        &self,
+        cpu: u32,
+        first: usize,
+        max_bytes: u64,
+        max_time: Duration,
+        pause: Option<Duration>,
+    ) -> Result<Streamer, FakeError> {
         let fifo = self.fifo(cpu)?;
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
@@ -508,6 +523,9 @@ impl FakeAgent {
                         t_written.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::SeqCst);
                         if n == page.len() {
                             index += 1;
+                            if let Some(p) = pause.filter(|_| index % 16 == 0) {
+                                std::thread::sleep(p);
+                            }
                         } else {
                             return; // a partial page would make the count meaningless
                         }
